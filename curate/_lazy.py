@@ -1,0 +1,37 @@
+"""Lazy imports of optional heavy dependencies with an actionable message."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from curate.errors import MissingDependencyError
+
+# module name -> (pip name, extra of curate that brings it)
+_HINTS: dict[str, tuple[str, str]] = {
+    "torch": ("torch==2.13.0", "ml"),
+    "transformers": ("transformers", "ml"),
+    "sentence_transformers": ("sentence-transformers", "ml"),
+    "faiss": ("faiss-cpu", "ml"),
+    "ot": ("POT", "ml"),
+    "datasketch": ("datasketch", "ml"),
+    "sklearn": ("scikit-learn", "ml"),
+    "peft": ("peft", "ml"),
+    "gguf": ("gguf", "ml"),
+    "ray": ("ray", "ray"),
+    "matplotlib": ("matplotlib", "ml"),
+}
+
+
+def require(module: str, purpose: str = "") -> ModuleType:
+    """Import ``module`` or raise :class:`MissingDependencyError` saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        pip_name, extra = _HINTS.get(top, (top, ""))
+        why = f" (needed for {purpose})" if purpose else ""
+        hint = f"pip install '{pip_name}'"
+        if extra:
+            hint += f" or pip install -e '.[{extra}]'"
+        raise MissingDependencyError(f"curate needs the '{top}' package{why}: {hint}.") from exc
