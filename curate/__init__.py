@@ -1,0 +1,58 @@
+"""curate: data curation and selection for LLM post-training data.
+
+The public API is re-exported here lazily, so ``import curate`` stays light (no torch, faiss,
+sentence-transformers until a feature needs them).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # table
+    "SCHEMA": "curate.schema",
+    "uid": "curate.schema",
+    "make_record": "curate.schema",
+    "to_frame": "curate.schema",
+    "validate_table": "curate.schema",
+    "texts": "curate.schema",
+    # errors
+    "SchemaError": "curate.errors",
+    "RecipeError": "curate.errors",
+    "ParameterError": "curate.errors",
+    "MissingFeatureError": "curate.errors",
+    "MissingDependencyError": "curate.errors",
+    # io
+    "read_sources": "curate.io",
+    "read_source": "curate.io",
+    "write_parquet": "curate.io.writers",
+    # features
+    "FeatureSet": "curate.features.store",
+    "FeatureStore": "curate.features.store",
+    # pipeline
+    "load_recipe": "curate.pipeline.recipe",
+    "run_recipe": "curate.pipeline.runner",
+    "StepContext": "curate.pipeline.step",
+    "register_step": "curate.pipeline.registry",
+    "STEPS": "curate.pipeline.registry",
+    # selectors
+    "Budget": "curate.selectors",
+    "Selection": "curate.selectors",
+    "SELECTORS": "curate.selectors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'curate' has no attribute '{name}'")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

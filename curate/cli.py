@@ -1,0 +1,310 @@
+"""The ``curate`` command line.
+
+Every verb takes ``--json`` and then prints one JSON object summarising what it did as the last
+line of stdout. Exit codes: 0 success, 2 bad input or usage, 1 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from curate.errors import MissingDependencyError, MissingFeatureError, ParameterError, RecipeError, SchemaError
+
+USER_ERRORS = (SchemaError, RecipeError, ParameterError, MissingFeatureError, MissingDependencyError,
+               FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _progress_on(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def _emit(as_json: bool, summary: dict[str, Any], human: Callable[[], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+    else:
+        human()
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON summary as the last line.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="curate", message="curate %(version)s")
+def cli() -> None:
+    """curate: turn a pool of instruction data or preference pairs into a smaller, better subset,
+    and know why each row was kept or dropped."""
+
+
+# --------------------------------------------------------------------------- ingest
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output parquet file.")
+@click.option("--format", "fmt", default="auto", show_default=True, help="Source format (see `curate list`).")
+@click.option("--kind", type=click.Choice(["sft", "preference", "target"]), default=None, help="Force the row kind.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="fail: stop at the first malformed record; skip: write it to the rejected file and go on.")
+@click.option("--rejected", "rejected_path", type=click.Path(dir_okay=False), default=None,
+              help="Where rejected/reported records go [default: OUTPUT with .rejected.parquet].")
+@json_option
+@quiet_option
+def ingest(inputs: tuple[str, ...], output: str, fmt: str, kind: str | None, on_error: str,
+           rejected_path: str | None, as_json: bool, quiet: bool) -> None:
+    """Read INPUT files, folders or globs into one canonical parquet table."""
+    from curate.io import read_sources
+    from curate.io.writers import write_parquet
+
+    res = read_sources(list(inputs), format=fmt, kind=kind, on_error=on_error, progress=_progress_on(quiet))
+    out = Path(output)
+    write_parquet(res.table, out)
+    rej_path = Path(rejected_path) if rejected_path else out.with_name(out.name.removesuffix(".parquet") + ".rejected.parquet")
+    if res.rejects.height:
+        write_parquet(res.rejects, rej_path)
+    kinds = res.table["kind"].value_counts(sort=True).rows() if res.table.height else []
+    kind_counts = {k: int(n) for k, n in kinds}
+    reasons: dict[str, int] = {}
+    for r in res.rejects["reason"].to_list() if res.rejects.height else []:
+        from curate.pipeline.runner import reason_category
+
+        c = reason_category(r)
+        reasons[c] = reasons.get(c, 0) + 1
+    summary = {
+        "command": "ingest",
+        "output": str(out),
+        "rows": res.table.height,
+        "kind": next(iter(kind_counts)) if len(kind_counts) == 1 else ("mixed" if kind_counts else None),
+        "kinds": kind_counts,
+        "rejected": res.rejects.height,
+        "rejected_reasons": reasons,
+        "rejected_path": str(rej_path) if res.rejects.height else None,
+        "formats": res.formats,
+        "files": len(res.files),
+    }
+
+    def human() -> None:
+        click.echo(f"wrote {res.table.height} rows to {out} ({', '.join(f'{k}: {n}' for k, n in kind_counts.items())})")
+        for f, name in res.formats.items():
+            click.echo(f"  {f}: {name}")
+        if res.rejects.height:
+            click.echo(f"{res.rejects.height} records rejected or reported -> {rej_path}")
+            for r, n in reasons.items():
+                click.echo(f"  {n:6d}  {r}")
+
+    _emit(as_json, summary, human)
+
+
+# --------------------------------------------------------------------------- inspect
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("-n", "n_rows", default=3, show_default=True, help="How many rows to show.")
+@json_option
+def inspect(file: str, n_rows: int, as_json: bool) -> None:
+    """Show the schema, kinds, counts and a few rows of a parquet table."""
+    import polars as pl
+
+    try:
+        table = pl.read_parquet(file)
+    except Exception as exc:  # noqa: BLE001 - polars raises several types for bad files
+        raise SchemaError(f"cannot read parquet: {exc}", file=file) from None
+    kinds = dict(table["kind"].value_counts().rows()) if "kind" in table.columns else {}
+    steps = [c[:-6] for c in table.columns if c.endswith("__keep")]
+    summary = {
+        "command": "inspect", "file": file, "rows": table.height,
+        "columns": {c: str(t) for c, t in table.schema.items()}, "kinds": {k: int(v) for k, v in kinds.items()},
+        "steps": steps,
+    }
+
+    def human() -> None:
+        click.echo(f"{file}: {table.height} rows, {table.width} columns")
+        for c, t in table.schema.items():
+            click.echo(f"  {c:24s} {t}")
+        if kinds:
+            click.echo("kinds: " + ", ".join(f"{k}={v}" for k, v in kinds.items()))
+        with pl.Config(fmt_str_lengths=60, tbl_width_chars=140, tbl_cols=8):
+            click.echo(table.head(n_rows))
+
+    _emit(as_json, summary, human)
+
+
+# --------------------------------------------------------------------------- run / validate / show
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "run_dir", type=click.Path(file_okay=False), default=None,
+              help="Run folder [default: <recipe output>/<name>/<recipe hash>].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set steps.select.budget=0.1 (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Recompute steps whose folder holds another cache key.")
+@json_option
+@quiet_option
+def run(recipe: str, run_dir: str | None, overrides: tuple[str, ...], overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Run a YAML RECIPE and write its run folder."""
+    from curate.pipeline.recipe import load_recipe
+    from curate.pipeline.runner import run_recipe
+
+    rec = load_recipe(recipe, list(overrides))
+    log = None if quiet or as_json else (lambda m: click.echo(m, err=True))
+    res = run_recipe(rec, run_dir=run_dir, overwrite=overwrite, progress=_progress_on(quiet), log=log)
+    summary = {"command": "run", **res.summary()}
+
+    def human() -> None:
+        _print_funnel(res.manifest)
+        click.echo(f"run folder: {res.run_dir}")
+
+    _emit(as_json, summary, human)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@json_option
+def validate(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Check a RECIPE (keys, steps, parameters, inputs) without running it."""
+    from curate.io import expand_inputs
+    from curate.pipeline.recipe import load_recipe
+
+    rec = load_recipe(recipe, list(overrides))
+    files = [str(f) for spec in rec.inputs + rec.targets for f in expand_inputs([spec.path])]
+    summary = {"command": "validate", "recipe": recipe, "valid": True, "name": rec.name, "hash": rec.hash(),
+               "steps": [s.name for s in rec.steps], "files": len(files)}
+
+    def human() -> None:
+        click.echo(f"{recipe}: valid ({len(rec.steps)} steps: {', '.join(s.name for s in rec.steps)}; {len(files)} input files)")
+
+    _emit(as_json, summary, human)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@json_option
+def show(run_dir: str, as_json: bool) -> None:
+    """Print the per-step funnel of a finished RUN_DIR."""
+    from curate.pipeline.runner import load_run
+
+    manifest = load_run(run_dir)
+    summary = {"command": "show", "run_dir": run_dir, "rows": manifest["rows"],
+               "steps": [{k: s[k] for k in ("step", "rows_in", "rows_out", "dropped")} for s in manifest["steps"]]}
+    _emit(as_json, summary, lambda: _print_funnel(manifest))
+
+
+def _print_funnel(manifest: dict[str, Any]) -> None:
+    click.echo(f"{'step':28s} {'in':>8s} {'out':>8s} {'dropped':>8s}  seconds")
+    for s in manifest["steps"]:
+        dropped = s["rows_in"] - s["rows_out"]
+        tag = " (cached)" if s.get("cached") else ""
+        click.echo(f"{s['step']:28s} {s['rows_in']:8d} {s['rows_out']:8d} {dropped:8d}  {s.get('seconds', 0):.2f}{tag}")
+        for reason, n in list(s.get("dropped", {}).items())[:5]:
+            click.echo(f"{'':30s}{n:6d}  {reason[:90]}")
+    rows = manifest["rows"]
+    click.echo(f"curated {rows['curated']} of {rows['input']} rows; rejected {rows['rejected']}")
+
+
+# --------------------------------------------------------------------------- list
+@cli.command(name="list")
+@json_option
+def list_(as_json: bool) -> None:
+    """List registered steps, input formats and selectors with their parameters."""
+    from curate.io import FORMATS
+    from curate.pipeline.registry import describe_steps
+
+    steps = describe_steps()
+    formats = {name: _describe_format(info) for name, info in FORMATS.items()}
+    selectors: dict[str, Any] = {}
+    try:
+        from curate.selectors import SELECTORS
+
+        for name, cls in sorted(SELECTORS.items()):
+            import dataclasses
+
+            params = {}
+            if dataclasses.is_dataclass(cls):
+                for f in dataclasses.fields(cls):
+                    default = f.default if f.default is not dataclasses.MISSING else "<required>"
+                    params[f.name] = default
+            doc = (cls.__doc__ or "").strip().splitlines()
+            selectors[name] = {"doc": doc[0] if doc else "", "params": params, "requires": list(getattr(cls, "requires", ()))}
+    except ImportError:
+        pass
+    summary = {"command": "list", "steps": steps, "formats": formats, "selectors": selectors}
+
+    def human() -> None:
+        click.echo("steps:")
+        for name, d in steps.items():
+            click.echo(f"  {name:22s} {d['doc']}")
+            if d["params"]:
+                click.echo(f"  {'':22s} params: {', '.join(f'{k}={v!r}' for k, v in d['params'].items())}")
+        click.echo("formats:")
+        for name, d in formats.items():
+            click.echo(f"  {name:22s} {d.get('description', '')}")
+        if selectors:
+            click.echo("selectors:")
+            for name, d in selectors.items():
+                click.echo(f"  {name:22s} {d['doc']}")
+                click.echo(f"  {'':22s} params: {', '.join(f'{k}={v!r}' for k, v in d['params'].items())}")
+
+    _emit(as_json, summary, human)
+
+
+def _describe_format(info: Any) -> dict[str, Any]:
+    import dataclasses
+
+    if dataclasses.is_dataclass(info):
+        return {k: v for k, v in dataclasses.asdict(info).items() if not callable(v)}
+    if isinstance(info, dict):
+        return {k: v for k, v in info.items() if not callable(v)}
+    return {"description": str(info)}
+
+
+def _attach_optional_commands() -> None:
+    """Verbs that live with their feature (judge server, report) register here when present."""
+    for module, attr in (("curate.selectors.critiq.cli", "judge"), ("curate.report.cli", "report")):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ImportError:
+            continue
+        cmd = getattr(mod, attr, None)
+        if isinstance(cmd, click.Command):
+            cli.add_command(cmd)
+
+
+_attach_optional_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point with the exit-code contract: 0 ok, 2 bad input/usage, 1 internal error."""
+    try:
+        cli.main(args=argv, prog_name="curate", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except USER_ERRORS as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: report, exit 1
+        if os.environ.get("CURATE_DEBUG"):
+            traceback.print_exc()
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (set CURATE_DEBUG=1 for a traceback)", err=True)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

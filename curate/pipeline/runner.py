@@ -1,0 +1,319 @@
+"""The local runner: ingest, run steps with per-step folders and DONE markers, write the outputs.
+
+Run folder (DESIGN.md "Pipelines")::
+
+    <run_dir>/recipe.resolved.yaml
+    <run_dir>/steps/00-ingest/{table.parquet, rejects.parquet, targets.parquet, stats.json, DONE}
+    <run_dir>/steps/NN-<step>/{table.parquet, stats.json, DONE}   # table = uid + <step>__* columns
+    <run_dir>/features/                                           # the run's FeatureStore
+    <run_dir>/curated.parquet  rejected.parquet  manifest.json
+
+Every step has a cache key: a hash of the previous key, the step's name, registered use and
+parameters, and the seed. A step whose DONE marker carries the same key is loaded, not rerun; a
+folder holding a different key is refused unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+
+from curate.errors import RecipeError
+from curate.features.store import FeatureStore
+from curate.io.writers import sha256_file, write_json, write_parquet, write_text
+from curate.pipeline.recipe import InputSpec, Recipe
+from curate.pipeline.step import StepContext, check_step_output, step_params
+from curate.schema import SCHEMA, step_columns
+
+INGEST = "00-ingest"
+
+
+def curate_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("curate")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (e.g. a source tree)
+        return "0+unknown"
+
+
+def git_commit() -> str | None:
+    """The commit of the curate source tree, when it is a git checkout."""
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _hash(*parts: Any) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+_UID_RE = re.compile(r"\b[0-9a-f]{32}\b")
+_NUM_RE = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?")
+
+
+def reason_category(reason: str) -> str:
+    """Group reasons for funnels: uids become <uid>, numbers become #."""
+    return _NUM_RE.sub("#", _UID_RE.sub("<uid>", reason))
+
+
+def _read_done(folder: Path) -> str | None:
+    done = folder / "DONE"
+    if not done.exists():
+        return None
+    try:
+        return json.loads(done.read_text()).get("key")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _prepare(folder: Path, key: str, overwrite: bool) -> bool:
+    """True if ``folder`` already holds the result for ``key``; clears a stale folder."""
+    found = _read_done(folder)
+    if found == key:
+        return True
+    if found is not None and not overwrite:
+        raise RecipeError(
+            f"{folder} was made with a different recipe or input (cache key {found[:12]} != {key[:12]}). "
+            "Pass --overwrite to recompute it, or choose another run folder with -o."
+        )
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return False
+
+
+def _mark_done(folder: Path, key: str, stats: dict[str, Any]) -> None:
+    write_json(stats, folder / "stats.json")
+    write_json({"key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, folder / "DONE")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    n_input: int
+    n_curated: int
+    n_rejected: int
+    funnel: list[dict[str, Any]] = field(default_factory=list)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "rows_in": self.n_input,
+            "curated": self.n_curated,
+            "rejected": self.n_rejected,
+            "curated_path": str(self.run_dir / "curated.parquet"),
+            "rejected_path": str(self.run_dir / "rejected.parquet"),
+            "manifest_path": str(self.run_dir / "manifest.json"),
+            "steps": [
+                {k: s[k] for k in ("step", "rows_in", "rows_out", "cached", "seconds")} for s in self.funnel
+            ],
+        }
+
+
+def _input_files(specs: list[InputSpec]) -> list[dict[str, Any]]:
+    from curate.io import expand_inputs
+
+    out = []
+    for spec in specs:
+        for f in expand_inputs([spec.path]):
+            out.append({"path": str(f), "size": f.stat().st_size, "sha256": sha256_file(f), "format": spec.format, "kind": spec.kind})
+    return out
+
+
+def _read(specs: list[InputSpec], on_error: str, progress: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
+    from curate.io import read_sources
+    from curate.schema import dedupe_uids
+
+    tables, rejects = [], []
+    for spec in specs:
+        res = read_sources([spec.path], format=spec.format, kind=spec.kind, on_error=on_error, progress=progress)
+        tables.append(res.table)
+        rejects.append(res.rejects)
+    table = pl.concat(tables, how="vertical") if tables else pl.DataFrame(schema=SCHEMA)
+    if len(tables) > 1:  # uids must stay unique across inputs (readers dedupe within one call)
+        records = table.to_dicts()
+        dedupe_uids(records)
+        table = table.with_columns(pl.Series("uid", [r["uid"] for r in records], dtype=pl.Utf8))
+    rej = pl.concat(rejects, how="diagonal_relaxed") if rejects else pl.DataFrame()
+    return table, rej
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    run_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    log: Any = None,
+) -> RunResult:
+    """Run ``recipe`` and write its run folder. Returns counts, the funnel and the manifest."""
+    say = log or (lambda msg: None)
+    started = time.time()
+    inputs = _input_files(recipe.inputs)
+    targets_files = _input_files(recipe.targets)
+    rhash = recipe.hash()
+    run_dir = Path(run_dir) if run_dir is not None else Path(recipe.output) / recipe.name / rhash[:12]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False), run_dir / "recipe.resolved.yaml")
+
+    # ---- ingest
+    key = _hash("ingest", [(f["sha256"], f["format"], f["kind"]) for f in inputs],
+                [(f["sha256"], f["format"], f["kind"]) for f in targets_files], recipe.on_error)
+    folder = run_dir / "steps" / INGEST
+    t0 = time.time()
+    cached = _prepare(folder, key, overwrite)
+    if cached:
+        table = pl.read_parquet(folder / "table.parquet")
+        ingest_rejects = pl.read_parquet(folder / "rejects.parquet")
+        targets = pl.read_parquet(folder / "targets.parquet") if (folder / "targets.parquet").exists() else None
+        say(f"[00] ingest: cached ({table.height} rows)")
+    else:
+        say(f"[00] ingest: reading {len(inputs)} file(s)")
+        table, ingest_rejects = _read(recipe.inputs, recipe.on_error, progress)
+        targets = None
+        if recipe.targets:
+            targets, target_rejects = _read(recipe.targets, recipe.on_error, progress)
+            write_parquet(targets, folder / "targets.parquet")
+        write_parquet(table, folder / "table.parquet")
+        write_parquet(ingest_rejects, folder / "rejects.parquet")
+        _mark_done(folder, key, {"step": "ingest", "rows_out": table.height, "rejected": ingest_rejects.height,
+                                 "targets": 0 if targets is None else targets.height})
+    funnel: list[dict[str, Any]] = [{
+        "step": "ingest", "use": "ingest", "rows_in": table.height + ingest_rejects.height, "rows_out": table.height,
+        "dropped": _count_reasons(ingest_rejects["reason"].to_list() if ingest_rejects.height else []),
+        "cached": cached, "seconds": round(time.time() - t0, 3), "key": key,
+    }]
+
+    # ---- steps
+    store = FeatureStore(run_dir / "features")
+    alive = pl.Series("alive", [True] * table.height)
+    for i, spec in enumerate(recipe.steps, start=1):
+        key = _hash(key, spec.name, spec.use, step_params(spec.step), recipe.seed)
+        folder = run_dir / "steps" / f"{i:02d}-{spec.name}"
+        t0 = time.time()
+        rows_in = int(alive.sum())
+        cached = _prepare(folder, key, overwrite)
+        if cached:
+            out = pl.read_parquet(folder / "table.parquet")
+            say(f"[{i:02d}] {spec.name}: cached")
+        else:
+            say(f"[{i:02d}] {spec.name} ({spec.use}) on {rows_in} rows")
+            ctx = StepContext(
+                seed=recipe.seed, features=store, targets=targets, step_dir=folder,
+                device=recipe.device, progress=progress, executor=recipe.executor,
+            )
+            current = table.filter(alive)
+            result = check_step_output(spec.name, current, spec.step.apply(current, ctx))
+            out = result.rename({c: f"{spec.name}__{c}" for c in result.columns if c != "uid"})
+            write_parquet(out, folder / "table.parquet")
+            kept = int(out[f"{spec.name}__keep"].sum())
+            _mark_done(folder, key, {
+                "step": spec.name, "use": spec.use, "params": step_params(spec.step), "rows_in": rows_in,
+                "rows_out": kept, "dropped": _count_reasons(
+                    out.filter(~pl.col(f"{spec.name}__keep"))[f"{spec.name}__reason"].to_list()),
+                "seconds": round(time.time() - t0, 3), **ctx.stats,
+            })
+        table = table.join(out, on="uid", how="left", maintain_order="left")
+        alive = alive & table[f"{spec.name}__keep"].fill_null(False)
+        stats = json.loads((folder / "stats.json").read_text())
+        funnel.append({
+            "step": spec.name, "use": spec.use, "rows_in": rows_in, "rows_out": int(alive.sum()),
+            "dropped": stats.get("dropped", {}), "cached": cached,
+            "seconds": stats.get("seconds", 0.0) if not cached else round(time.time() - t0, 3), "key": key,
+        })
+
+    # ---- outputs
+    curated = table.filter(alive)
+    rejected = _rejected(table, alive, ingest_rejects)
+    write_parquet(curated, run_dir / "curated.parquet")
+    write_parquet(rejected, run_dir / "rejected.parquet")
+    selected_hash = hashlib.blake2b("\n".join(sorted(curated["uid"].to_list())).encode(), digest_size=16).hexdigest()
+    manifest = {
+        "curate_version": curate_version(),
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "recipe": recipe.resolved(),
+        "recipe_source": recipe.source,
+        "recipe_hash": rhash,
+        "seed": recipe.seed,
+        "inputs": inputs,
+        "targets": targets_files,
+        "steps": funnel,
+        "rows": {"input": funnel[0]["rows_in"], "curated": curated.height, "rejected": rejected.height},
+        "selected_uids_hash": selected_hash,
+        "seconds": round(time.time() - started, 3),
+    }
+    write_json(manifest, run_dir / "manifest.json")
+    _maybe_report(run_dir, say)
+    return RunResult(run_dir, funnel[0]["rows_in"], curated.height, rejected.height, funnel, manifest)
+
+
+def _count_reasons(reasons: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in reasons:
+        c = reason_category(r or "")
+        counts[c] = counts.get(c, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _rejected(table: pl.DataFrame, alive: pl.Series, ingest_rejects: pl.DataFrame) -> pl.DataFrame:
+    """Dropped rows with ``step`` (the first step that dropped them) and its ``reason``."""
+    dropped = table.filter(~alive)
+    steps = step_columns(table)
+    if steps and dropped.height:
+        step_expr = pl.lit(None, dtype=pl.Utf8)
+        reason_expr = pl.lit(None, dtype=pl.Utf8)
+        for s in reversed(steps):  # the first dropping step wins
+            hit = pl.col(f"{s}__keep").is_not_null() & ~pl.col(f"{s}__keep")
+            step_expr = pl.when(hit).then(pl.lit(s)).otherwise(step_expr)
+            reason_expr = pl.when(hit).then(pl.col(f"{s}__reason")).otherwise(reason_expr)
+        dropped = dropped.with_columns(step_expr.alias("step"), reason_expr.alias("reason"))
+    else:
+        dropped = dropped.with_columns(pl.lit(None, dtype=pl.Utf8).alias("step"), pl.lit(None, dtype=pl.Utf8).alias("reason"))
+    if ingest_rejects.height:
+        ing = ingest_rejects.with_columns(pl.lit("ingest").alias("step"))
+        return pl.concat([dropped, ing], how="diagonal_relaxed")
+    return dropped
+
+
+def _maybe_report(run_dir: Path, say: Any) -> None:
+    """Write report.html when the report module is available (issue 10)."""
+    try:
+        from curate.report import write_report  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    try:
+        write_report(run_dir, run_dir / "report.html")
+    except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
+        say(f"report: not written ({type(exc).__name__}: {exc})")
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a finished run (for ``curate show``)."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.exists():
+        raise RecipeError(f"{run_dir} is not a finished run folder (no manifest.json).")
+    return json.loads(path.read_text())
