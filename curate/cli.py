@@ -142,16 +142,24 @@ def inspect(file: str, n_rows: int, as_json: bool) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set steps.select.budget=0.1 (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Recompute steps whose folder holds another cache key.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+              help="Where parallel work runs [default: the recipe's executor].")
+@click.option("--ray-address", default=None, metavar="ADDR", help="Address of a running Ray cluster (implies --executor ray).")
 @json_option
 @quiet_option
-def run(recipe: str, run_dir: str | None, overrides: tuple[str, ...], overwrite: bool, as_json: bool, quiet: bool) -> None:
+def run(recipe: str, run_dir: str | None, overrides: tuple[str, ...], overwrite: bool, executor: str | None,
+        ray_address: str | None, as_json: bool, quiet: bool) -> None:
     """Run a YAML RECIPE and write its run folder."""
     from curate.pipeline.recipe import load_recipe
     from curate.pipeline.runner import run_recipe
 
     rec = load_recipe(recipe, list(overrides))
     log = None if quiet or as_json else (lambda m: click.echo(m, err=True))
-    res = run_recipe(rec, run_dir=run_dir, overwrite=overwrite, progress=_progress_on(quiet), log=log)
+    if ray_address:
+        if executor == "local":
+            raise RecipeError("--ray-address needs --executor ray (or no --executor).")
+        executor = f"ray:{ray_address}"
+    res = run_recipe(rec, run_dir=run_dir, overwrite=overwrite, progress=_progress_on(quiet), log=log, executor=executor)
     summary = {"command": "run", **res.summary()}
 
     def human() -> None:
@@ -264,14 +272,19 @@ def _describe_format(info: Any) -> dict[str, Any]:
 
 def _attach_optional_commands() -> None:
     """Verbs that live with their feature (judge server, report) register here when present."""
-    for module, attr in (("curate.selectors.critiq.cli", "judge"), ("curate.report.cli", "report")):
+    import importlib
+
+    for module in ("curate.curation.cli", "curate.selectors.critiq.cli", "curate.report.cli"):
         try:
-            mod = __import__(module, fromlist=[attr])
-        except ImportError:
-            continue
-        cmd = getattr(mod, attr, None)
-        if isinstance(cmd, click.Command):
-            cli.add_command(cmd)
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module.startswith(exc.name):
+                continue  # that part is not written yet
+            raise
+        commands = getattr(mod, "COMMANDS", None) or [getattr(mod, n, None) for n in ("judge", "report")]
+        for cmd in commands:
+            if isinstance(cmd, click.Command):
+                cli.add_command(cmd)
 
 
 _attach_optional_commands()

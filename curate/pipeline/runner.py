@@ -32,6 +32,7 @@ import yaml
 from curate.errors import RecipeError
 from curate.features.store import FeatureStore
 from curate.io.writers import sha256_file, write_json, write_parquet, write_text
+from curate.pipeline.executors import get_executor
 from curate.pipeline.recipe import InputSpec, Recipe
 from curate.pipeline.step import StepContext, check_step_output, step_params
 from curate.schema import SCHEMA, step_columns
@@ -97,9 +98,18 @@ def _prepare(folder: Path, key: str, overwrite: bool) -> bool:
             f"{folder} was made with a different recipe or input (cache key {found[:12]} != {key[:12]}). "
             "Pass --overwrite to recompute it, or choose another run folder with -o."
         )
-    if folder.exists():
+    if found is not None and folder.exists():  # a finished result of another key: start over
         shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    # An unfinished folder (a crash): drop its partial files but keep shards/, whose entries are
+    # keyed by content and written atomically, so the rerun redoes only unfinished shards.
+    for child in folder.iterdir():
+        if child.name == "shards":
+            continue
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
     return False
 
 
@@ -167,15 +177,45 @@ def run_recipe(
     overwrite: bool = False,
     progress: bool = False,
     log: Any = None,
+    executor: str | None = None,
 ) -> RunResult:
-    """Run ``recipe`` and write its run folder. Returns counts, the funnel and the manifest."""
-    say = log or (lambda msg: None)
+    """Run ``recipe`` and write its run folder. Returns counts, the funnel and the manifest.
+
+    Args:
+        run_dir: the run folder [default: ``<recipe output>/<name>/<recipe hash[:12]>``].
+        overwrite: recompute steps whose folder holds another cache key instead of refusing.
+        progress: show progress bars.
+        log: a callable receiving log lines (they also go to ``run_dir/run.log``).
+        executor: override the recipe's executor ("local", "ray", "ray:<address>").
+    """
     started = time.time()
+    try:
+        executor_obj = get_executor(executor or recipe.executor, progress=progress)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
     inputs = _input_files(recipe.inputs)
     targets_files = _input_files(recipe.targets)
     rhash = recipe.hash()
     run_dir = Path(run_dir) if run_dir is not None else Path(recipe.output) / recipe.name / rhash[:12]
     run_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(run_dir / "run.log", "a", encoding="utf-8")  # noqa: SIM115 - closed at the end
+
+    def say(msg: str) -> None:
+        log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        log_file.flush()
+        if log is not None:
+            log(msg)
+
+    try:
+        return _run(recipe, run_dir, rhash, inputs, targets_files, overwrite, progress, executor_obj, say, started)
+    finally:
+        log_file.close()
+
+
+def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]], targets_files: list[dict[str, Any]],
+         overwrite: bool, progress: bool, executor: Any, say: Any, started: float) -> RunResult:
+    for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob("features/.*")]:  # temp files of a crashed run
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False), run_dir / "recipe.resolved.yaml")
 
     # ---- ingest
@@ -222,7 +262,7 @@ def run_recipe(
             say(f"[{i:02d}] {spec.name} ({spec.use}) on {rows_in} rows")
             ctx = StepContext(
                 seed=recipe.seed, features=store, targets=targets, step_dir=folder,
-                device=recipe.device, progress=progress, executor=recipe.executor,
+                device=recipe.device, progress=progress, executor=executor,
             )
             current = table.filter(alive)
             result = check_step_output(spec.name, current, spec.step.apply(current, ctx))
@@ -233,14 +273,14 @@ def run_recipe(
                 "step": spec.name, "use": spec.use, "params": step_params(spec.step), "rows_in": rows_in,
                 "rows_out": kept, "dropped": _count_reasons(
                     out.filter(~pl.col(f"{spec.name}__keep"))[f"{spec.name}__reason"].to_list()),
-                "seconds": round(time.time() - t0, 3), **ctx.stats,
+                "seconds": round(time.time() - t0, 3), "peak_rss_mb": peak_rss_mb(), **ctx.stats,
             })
         table = table.join(out, on="uid", how="left", maintain_order="left")
         alive = alive & table[f"{spec.name}__keep"].fill_null(False)
         stats = json.loads((folder / "stats.json").read_text())
         funnel.append({
             "step": spec.name, "use": spec.use, "rows_in": rows_in, "rows_out": int(alive.sum()),
-            "dropped": stats.get("dropped", {}), "cached": cached,
+            "dropped": stats.get("dropped", {}), "cached": cached, "peak_rss_mb": stats.get("peak_rss_mb"),
             "seconds": stats.get("seconds", 0.0) if not cached else round(time.time() - t0, 3), "key": key,
         })
 
@@ -269,6 +309,13 @@ def run_recipe(
     write_json(manifest, run_dir / "manifest.json")
     _maybe_report(run_dir, say)
     return RunResult(run_dir, funnel[0]["rows_in"], curated.height, rejected.height, funnel, manifest)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _count_reasons(reasons: list[str]) -> dict[str, int]:

@@ -15,6 +15,7 @@ or reorder rows. Rows dropped by an earlier step get nulls in later step columns
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -45,8 +46,37 @@ class StepContext:
     step_dir: Path | None = None
     device: str = "auto"
     progress: bool = False
-    executor: Any = "local"
+    executor: Any = None  # an Executor (curate.pipeline.executors); None = local
     stats: dict[str, Any] = field(default_factory=dict)  # extra numbers a step wants in stats.json
+
+    def map_shards(
+        self,
+        fn: Callable[[Any], Any],
+        table: pl.DataFrame,
+        *,
+        params: dict[str, Any],
+        shard_size: int = 1000,
+        payload: Callable[[pl.DataFrame], Any] | None = None,
+        desc: str = "",
+        num_gpus: float = 0.0,
+    ) -> list[Any]:
+        """Run ``fn(payload(shard))`` over row shards of ``table`` on the run's executor.
+
+        Shards are keyed by their uids and ``params`` and cached under ``step_dir/shards`` so a
+        crashed step resumes with only its unfinished shards. Results come back in shard order;
+        local and Ray executors give identical results.
+        """
+        from curate.pipeline.executors import LocalExecutor, sharded_map, split
+
+        ranges = split(table.height, shard_size) if table.height else []
+        shards = [table.slice(a, b - a) for a, b in ranges]
+        payloads = [payload(s) if payload else s for s in shards]
+        return sharded_map(
+            fn, payloads, [s["uid"].to_list() for s in shards], params=params,
+            executor=self.executor or LocalExecutor(progress=self.progress),
+            cache_dir=self.step_dir / "shards" if self.step_dir is not None else None,
+            desc=desc, num_gpus=num_gpus,
+        )
 
 
 @runtime_checkable

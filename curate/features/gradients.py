@@ -1,0 +1,736 @@
+"""Per-example gradient features of a causal LM (specs/gradient-features.md §2-§8).
+
+The LESS recipe (Xia et al., "LESS: Selecting Influential Data for Targeted Instruction Tuning",
+ICML 2024, arXiv 2402.04333; code ``princeton-nlp/LESS``): the gradient of each example's
+response-token loss w.r.t. a parameter subset (LoRA adapters, or named Linear layers), randomly
+projected (TRAK's Rademacher sketch, see :mod:`curate.features.projection`), optionally
+Adam-preconditioned with the warm-up checkpoint's optimizer moments, L2-normalised, and combined
+across checkpoints with learning-rate weights.
+
+Three interchangeable ways to get per-example gradients (they agree to float64 round-off, tested):
+``func`` (``torch.func`` grad + vmap), ``hooks`` (layer inputs × output gradients, Linear and GPT-2
+Conv1D only) and ``loop`` (batch size 1 autograd, the reference). Deviations: ``method="auto"``
+picks ``hooks`` whenever every selected tensor belongs to a Linear/Conv1D (LoRA and MLP presets) and
+``func`` otherwise, since hooks need no vmap support from the model; batches are right padded and
+run without an attention mask (with causal attention, trailing padding cannot affect real tokens),
+which makes each row's gradient independent of its batch. DPO objectives are not implemented yet.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import polars as pl
+
+from curate._lazy import require
+from curate.errors import SchemaError, param_error
+from curate.features.lm import IGNORE, Encoded
+from curate.features.projection import Projector
+from curate.pipeline.registry import register_step
+
+METHODS = ("auto", "func", "hooks", "loop")
+REDUCTIONS = ("mean", "sum")
+VARIANTS = ("sgd", "adam")
+ADAM_FORMS = ("less_code", "paper")
+MLP_NAMES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "mlp.c_fc", "mlp.c_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_BLOCK_RE = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
+
+
+# ================================================================================== layout
+@dataclass(frozen=True)
+class Layout:
+    """The ordered (name, shape) list of the tracked parameters plus a hash of the model config.
+
+    Attributes:
+        names: parameter names in ``named_parameters()`` order.
+        shapes: their shapes.
+        config_hash: SHA-256 of the model config (``to_json_string``), "" when there is none.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    config_hash: str = ""
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(np.prod(s)) if s else 1 for s in self.shapes]
+
+    @property
+    def n_params(self) -> int:
+        return int(sum(self.sizes))
+
+    @property
+    def hash(self) -> str:
+        """The layout hash (SHA-256 of names, shapes and the config hash)."""
+        blob = json.dumps({"names": self.names, "shapes": self.shapes, "config": self.config_hash})
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _config_hash(model: Any) -> str:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return ""
+    try:
+        d = cfg.to_dict()
+    except Exception:  # noqa: BLE001 - any config object without to_dict
+        return ""
+    for k in ("_name_or_path", "transformers_version", "_commit_hash"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _block_index(name: str) -> int | None:
+    m = _BLOCK_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def select_parameters(model: Any, params: str | Sequence[str] = "lora") -> Layout:
+    """The tracked parameter layout for a preset or a list of globs (spec §3).
+
+    Presets: ``lora`` (peft ``lora_A``/``lora_B``), ``mlp`` (MLP projection weights),
+    ``last_blocks:k``, ``mlp_last_blocks:k``. A list (or comma-separated string) of ``fnmatch``
+    globs selects by name; embeddings and the output head are only selected when listed.
+
+    Raises:
+        ParameterError: unknown preset, bad k, or an empty selection.
+    """
+    named = [(n, p) for n, p in model.named_parameters()]
+    if isinstance(params, str) and (params in ("lora", "mlp") or params.startswith(("last_blocks:", "mlp_last_blocks:"))):
+        preset = params
+        if preset == "lora":
+            chosen = [n for n, _ in named if "lora_A" in n or "lora_B" in n]
+        else:
+            base, _, k = preset.partition(":")
+            blocks = sorted({b for n, _ in named if (b := _block_index(n)) is not None})
+            if k:
+                if not k.isdigit() or int(k) < 1:
+                    raise param_error("grad_features", "params", "'last_blocks:k' with an integer k >= 1", params)
+                last = set(blocks[-int(k):])
+            else:
+                last = set(blocks)
+            in_blocks = [n for n, _ in named if _block_index(n) in last]
+            if base in ("mlp", "mlp_last_blocks"):
+                chosen = [n for n in in_blocks if any(f"{m}." in n for m in MLP_NAMES) and n.endswith("weight")]
+            else:
+                chosen = in_blocks
+            chosen = [n for n in chosen if "lora_" not in n]
+    else:
+        globs = [g.strip() for g in (params.split(",") if isinstance(params, str) else params) if g.strip()]
+        if not globs:
+            raise param_error("grad_features", "params", "a preset or a non-empty list of name globs", params)
+        chosen = [n for n, _ in named if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+    if not chosen:
+        raise param_error("grad_features", "params", "a selection matching at least one parameter of the model", params)
+    shapes = dict(named)
+    return Layout(tuple(chosen), tuple(tuple(shapes[n].shape) for n in chosen), _config_hash(model))
+
+
+def check_compatible(*metas: Mapping[str, Any]) -> None:
+    """Raise if feature metas differ in layout hash or projector id (spec §3, the Quad defect)."""
+    for key in ("layout_hash", "projector_id"):
+        seen = {m.get(key) for m in metas if m.get(key) is not None}
+        if len(seen) > 1:
+            raise SchemaError(f"feature sets were computed with different {key.replace('_', ' ')}s and cannot be "
+                              "combined.", field=key, expected="one value", found=sorted(seen))
+
+
+# ========================================================================== per-example loss
+def collate(examples: Sequence[Any], pad_token_id: int = 0) -> tuple[Any, Any]:
+    """Right-padded (ids, labels) LongTensors; padding gets label -100."""
+    torch = require("torch", "gradient features")
+    n = max(1, max(len(e["input_ids"]) for e in examples))
+    ids = torch.full((len(examples), n), int(pad_token_id), dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        if k:
+            ids[i, :k] = torch.as_tensor(list(e["input_ids"]), dtype=torch.long)
+            labels[i, :k] = torch.as_tensor(list(e["labels"]), dtype=torch.long)
+    return ids, labels
+
+
+def row_losses(logits: Any, labels: Any, reduction: str = "mean") -> Any:
+    """Per-row response loss (B,): ℓ_mean or ℓ_sum of −log p(ids_t | ids_<t) over labelled t."""
+    torch = require("torch", "gradient features")
+    lg = logits[:, :-1, :]
+    lb = labels[:, 1:]
+    mask = lb != IGNORE
+    nll = torch.nn.functional.cross_entropy(
+        lg.reshape(-1, lg.shape[-1]), lb.clamp_min(0).reshape(-1), reduction="none"
+    ).reshape(lb.shape)
+    total = (nll * mask.to(nll.dtype)).sum(dim=1)
+    if reduction == "sum":
+        return total
+    return total / mask.sum(dim=1).clamp_min(1).to(nll.dtype)
+
+
+def _logits(model: Any, ids: Any, attention_mask: Any = None) -> Any:
+    out = model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _model_device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+class _EvalMode:
+    def __init__(self, model: Any) -> None:
+        self.model, self.was = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.model.train(self.was)
+
+
+def _grads_loop(model: Any, layout: Layout, examples: Sequence[Any], reduction: str, pad: int) -> tuple[Any, Any]:
+    torch = require("torch", "gradient features")
+    params = dict(model.named_parameters())
+    sel = [params[n] for n in layout.names]
+    flags = [p.requires_grad for p in sel]
+    dev = _model_device(model)
+    rows, losses = [], []
+    try:
+        for p in sel:
+            p.requires_grad_(True)
+        for e in examples:
+            ids, labels = collate([e], pad)
+            loss = row_losses(_logits(model, ids.to(dev)), labels.to(dev), reduction)[0]
+            gs = torch.autograd.grad(loss, sel, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, sel, strict=True)]))
+            losses.append(loss.detach())
+    finally:
+        for p, f in zip(sel, flags, strict=True):
+            p.requires_grad_(f)
+    return torch.stack(rows), torch.stack(losses)
+
+
+def _grads_func(model: Any, layout: Layout, examples: Sequence[Any], reduction: str, pad: int,
+                chunk_size: int | None) -> tuple[Any, Any]:
+    torch = require("torch", "gradient features")
+    from torch.func import functional_call, grad, vmap
+
+    dev = _model_device(model)
+    ids, labels = collate(examples, pad)
+    ids, labels = ids.to(dev), labels.to(dev)
+    names = set(layout.names)
+    sel = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    rest = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+    rest.update({n: b.detach() for n, b in model.named_buffers()})
+
+    def loss_one(s: dict[str, Any], i: Any, lab: Any) -> tuple[Any, Any]:
+        out = functional_call(model, (s, rest), args=(), kwargs={"input_ids": i[None], "use_cache": False})
+        lg = out.logits if hasattr(out, "logits") else out
+        loss = row_losses(lg, lab[None], reduction)[0]
+        return loss, loss.detach()
+
+    g, losses = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0), chunk_size=chunk_size)(sel, ids, labels)
+    flat = torch.cat([g[n].reshape(len(examples), -1) for n in layout.names], dim=1)
+    return flat, losses
+
+
+def _hook_modules(model: Any, layout: Layout) -> list[tuple[str, Any, str, bool]]:
+    """(param name, module, 'weight'|'bias', is_conv1d) for every tracked tensor, or raise."""
+    torch = require("torch", "gradient features")
+    modules = dict(model.named_modules())
+    out = []
+    for n in layout.names:
+        mod_name, _, attr = n.rpartition(".")
+        mod = modules.get(mod_name)
+        conv1d = type(mod).__name__ == "Conv1D"
+        if attr not in ("weight", "bias") or not (isinstance(mod, torch.nn.Linear) or conv1d):
+            raise TypeError(f"parameter {n} does not belong to an nn.Linear or Conv1D; use method='func' or 'loop'.")
+        out.append((n, mod, attr, conv1d))
+    return out
+
+
+def hooks_supported(model: Any, layout: Layout) -> bool:
+    """Whether every tracked tensor is the weight or bias of a Linear / GPT-2 Conv1D."""
+    try:
+        _hook_modules(model, layout)
+    except TypeError:
+        return False
+    return True
+
+
+def _grads_hooks(model: Any, layout: Layout, examples: Sequence[Any], reduction: str, pad: int) -> tuple[Any, Any]:
+    torch = require("torch", "gradient features")
+    tracked = _hook_modules(model, layout)
+    mods = {id(m): m for _, m, _, _ in tracked}
+    store: dict[int, list[tuple[Any, Any]]] = {k: [] for k in mods}
+    handles = []
+
+    def make_hook(key: int) -> Any:
+        def hook(_mod: Any, inputs: Any, output: Any) -> None:
+            store[key].append((inputs[0].detach(), output))
+        return hook
+
+    params = dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    dev = _model_device(model)
+    try:
+        for n, p in params.items():
+            p.requires_grad_(n in set(layout.names))
+        for key, m in mods.items():
+            handles.append(m.register_forward_hook(make_hook(key)))
+        ids, labels = collate(examples, pad)
+        losses = row_losses(_logits(model, ids.to(dev)), labels.to(dev), reduction)
+        outs = [o for key in mods for _, o in store[key]]
+        gouts = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+    it = iter(gouts)
+    grads_of: dict[int, list[tuple[Any, Any]]] = {}
+    for key in mods:
+        grads_of[key] = [(a, next(it)) for a, _ in store[key]]
+    cols = []
+    b = len(examples)
+    for _n, mod, attr, conv1d in tracked:
+        acc = None
+        for a, g in grads_of[id(mod)]:
+            if g is None:
+                continue
+            a3 = a.reshape(b, -1, a.shape[-1])
+            g3 = g.reshape(b, -1, g.shape[-1])
+            if attr == "bias":
+                part = g3.sum(dim=1)
+            elif conv1d:
+                part = torch.einsum("bti,bto->bio", a3, g3)
+            else:
+                part = torch.einsum("bti,bto->boi", a3, g3)
+            acc = part if acc is None else acc + part
+        if acc is None:
+            acc = torch.zeros((b, *params[_n].shape), dtype=params[_n].dtype, device=dev)
+        cols.append(acc.reshape(b, -1))
+    return torch.cat(cols, dim=1), losses.detach()
+
+
+def per_example_grads(
+    model: Any,
+    layout: Layout,
+    examples: Sequence[Any],
+    *,
+    method: str = "auto",
+    loss_reduction: str = "mean",
+    pad_token_id: int = 0,
+    chunk_size: int | None = None,
+) -> tuple[Any, Any]:
+    """Per-example gradients of the response loss, flattened in layout order.
+
+    Args:
+        model: a causal LM (HF or any module returning logits from ``input_ids``), used in eval mode.
+        layout: from :func:`select_parameters`.
+        examples: :class:`~curate.features.lm.Encoded` rows (or dicts with input_ids, labels).
+        method: ``auto`` | ``func`` | ``hooks`` | ``loop`` (module docstring).
+        loss_reduction: ``mean`` (ℓ_mean, LESS) | ``sum`` (ℓ_sum, EK-FAC).
+        pad_token_id: id used for right padding (never attended to by real tokens).
+        chunk_size: vmap chunk size for ``func``.
+
+    Returns:
+        (G, losses): G of shape (B, P) in the model dtype and the (B,) losses.
+    """
+    if method not in METHODS:
+        raise param_error("per_example_grads", "method", f"one of {METHODS}", method)
+    if loss_reduction not in REDUCTIONS:
+        raise param_error("per_example_grads", "loss_reduction", f"one of {REDUCTIONS}", loss_reduction)
+    if method == "auto":
+        method = "hooks" if hooks_supported(model, layout) else "func"
+    with _EvalMode(model):
+        if method == "loop":
+            return _grads_loop(model, layout, examples, loss_reduction, pad_token_id)
+        if method == "hooks":
+            return _grads_hooks(model, layout, examples, loss_reduction, pad_token_id)
+        try:
+            return _grads_func(model, layout, examples, loss_reduction, pad_token_id, chunk_size)
+        except (RuntimeError, NotImplementedError) as exc:  # vmap-unsupported ops in the model
+            warnings.warn(f"vmap failed on this model ({exc}); falling back to the per-example loop.", stacklevel=2)
+            return _grads_loop(model, layout, examples, loss_reduction, pad_token_id)
+
+
+# ======================================================================== Adam preconditioning
+def adam_precondition(g: Any, m: Any, v: Any, *, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                      form: str = "less_code") -> Any:
+    """LESS's Adam-preconditioned gradient Γ (spec §6), element-wise, torch or numpy.
+
+    ``less_code`` (default, the reference code): m' = β₁m + (1−β₁)g, v' = β₂v + (1−β₂)g², Γ = m'/√(v'+ε)
+    (one virtual Adam step, ε inside the root, no bias correction). ``paper``: Γ = m'/(√v' + ε).
+    """
+    if form not in ADAM_FORMS:
+        raise param_error("adam_precondition", "form", f"one of {ADAM_FORMS}", form)
+    m2 = beta1 * m + (1 - beta1) * g
+    v2 = beta2 * v + (1 - beta2) * g * g
+    if form == "less_code":
+        return m2 / (v2 + eps) ** 0.5
+    return m2 / (v2 ** 0.5 + eps)
+
+
+def load_adam_state(state: Any, layout: Layout, *, trainable_names: Sequence[str] | None = None) -> tuple[Any, Any]:
+    """Flattened Adam moments (m, v) for ``layout`` (spec §6 "Where m and v come from").
+
+    ``state`` is a path (``torch.load``-able) or a dict in one of two shapes:
+    - name-keyed: ``{"exp_avg": {name: tensor}, "exp_avg_sq": {name: tensor}}`` (curate warm-up);
+    - an HF Trainer / torch optimizer state dict ``{"state": {int: {...}}, "param_groups": [...]}``,
+      whose integer keys are mapped, in parameter-group order, to ``trainable_names`` (the names of
+      trainable parameters in ``named_parameters()`` order).
+
+    Raises:
+        SchemaError: a missing parameter or a shape mismatch, naming the parameter.
+    """
+    torch = require("torch", "Adam-preconditioned gradient features")
+    if isinstance(state, (str, os.PathLike)):
+        state = torch.load(str(state), map_location="cpu", weights_only=True)
+    if "exp_avg" in state and isinstance(state["exp_avg"], Mapping):
+        m_of, v_of = dict(state["exp_avg"]), dict(state["exp_avg_sq"])
+    elif "state" in state:
+        if trainable_names is None:
+            raise SchemaError("an integer-keyed optimizer state needs the trainable parameter names.",
+                              field="trainable_names", expected="names in named_parameters() order")
+        order = [i for g in state.get("param_groups", []) for i in g["params"]] or sorted(state["state"])
+        if len(order) != len(trainable_names):
+            raise SchemaError("the optimizer state does not match the trainable parameters.", field="state",
+                              expected=f"{len(trainable_names)} parameters", found=f"{len(order)}")
+        m_of, v_of = {}, {}
+        for idx, name in zip(order, trainable_names, strict=True):
+            st = state["state"].get(idx)
+            if st is None:
+                continue
+            m_of[name], v_of[name] = st["exp_avg"], st["exp_avg_sq"]
+    else:
+        raise SchemaError("unknown optimizer state format.", field="state",
+                          expected="{exp_avg, exp_avg_sq} by name or a torch optimizer state dict",
+                          found=sorted(state)[:5])
+    ms, vs = [], []
+    for name, shape in zip(layout.names, layout.shapes, strict=True):
+        if name not in m_of:
+            raise SchemaError("the optimizer state lacks a tracked parameter.", field=name,
+                              expected="exp_avg and exp_avg_sq", found="nothing")
+        for what, src, dst in (("exp_avg", m_of, ms), ("exp_avg_sq", v_of, vs)):
+            t = torch.as_tensor(src[name])
+            if tuple(t.shape) != tuple(shape):
+                raise SchemaError(f"optimizer {what} has the wrong shape.", field=name,
+                                  expected=str(tuple(shape)), found=str(tuple(t.shape)))
+            dst.append(t.reshape(-1))
+    return torch.cat(ms), torch.cat(vs)
+
+
+# ============================================================================ checkpoints, norms
+def lr_weights(mean_lrs: Sequence[float]) -> np.ndarray:
+    """w_c = η̄_c / Σ η̄ (spec §7)."""
+    w = np.asarray(mean_lrs, dtype=np.float64)
+    if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise param_error("lr_weights", "mean_lrs", "a non-empty list of finite numbers > 0", list(mean_lrs))
+    return w / w.sum()
+
+
+def stack_checkpoints(features: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Φ̃ = [√w₁Φ₁ | … | √w_CΦ_C] (N × C·d), so Φ̃Ψ̃ᵀ = Σ_c w_c Φ_cΨ_cᵀ (spec §7)."""
+    w = lr_weights(weights)
+    if len(features) != len(w):
+        raise SchemaError("one weight per checkpoint is needed.", field="weights",
+                          expected=f"{len(features)} weights", found=len(w))
+    return np.concatenate([np.sqrt(wc) * np.asarray(f, dtype=np.float64) for wc, f in zip(w, features, strict=True)], axis=1)
+
+
+def normalise_rows(phi: np.ndarray, tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+    """(φ/‖φ‖ per row, mask of rows with ‖φ‖ < tol, which are left as zeros) (spec §8)."""
+    phi = np.asarray(phi)
+    norms = np.linalg.norm(phi.astype(np.float64), axis=1)
+    zero = norms < tol
+    out = np.zeros_like(phi)
+    out[~zero] = phi[~zero] / norms[~zero, None].astype(phi.dtype)
+    return out, zero
+
+
+# ============================================================================ feature computation
+@dataclass
+class GradFeatures:
+    """Per-row outputs of :func:`compute_grad_features` (in input order)."""
+
+    uids: list[str]
+    values: np.ndarray  # (N, d) float32 (float64 when the model is float64)
+    losses: np.ndarray  # (N,) response loss; nan where no response tokens
+    reasons: list[str]  # "" | "no_response_tokens" | "zero_gradient"
+    truncated: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+    raw: np.ndarray | None = None  # projected, unnormalised (keep_unnormalized=True)
+
+
+def compute_grad_features(
+    model: Any,
+    examples: Sequence[Encoded],
+    *,
+    layout: Layout,
+    projector: Projector,
+    variant: str = "sgd",
+    adam_state: tuple[Any, Any] | None = None,
+    adam_form: str = "less_code",
+    batch_size: int = 8,
+    method: str = "auto",
+    loss_reduction: str = "mean",
+    pad_token_id: int = 0,
+    normalize: bool = True,
+    keep_unnormalized: bool = False,
+) -> GradFeatures:
+    """Projected (optionally Adam-preconditioned) L2-normalised gradient features of ``examples``.
+
+    Rows are processed in batches of similar length (sorted, then restored to input order); each
+    row's feature does not depend on the batch it is in. Rows without response tokens get zeros and
+    reason ``no_response_tokens``; rows whose projected gradient is ~0 get ``zero_gradient``.
+    """
+    torch = require("torch", "gradient features")
+    if variant not in VARIANTS:
+        raise param_error("compute_grad_features", "variant", f"one of {VARIANTS}", variant)
+    if variant == "adam" and adam_state is None:
+        raise param_error("compute_grad_features", "adam_state", "the checkpoint's (m, v) for variant 'adam'", None)
+    if projector.n_params != layout.n_params or (projector.layout_hash and projector.layout_hash != layout.hash):
+        raise SchemaError("the projector was built for another parameter layout.", field="projector",
+                          expected=f"P={layout.n_params}, layout {layout.hash[:12]}",
+                          found=f"P={projector.n_params}, layout {projector.layout_hash[:12]}")
+    dev = _model_device(model)
+    dtype = next(model.parameters()).dtype
+    out_dtype = np.float64 if dtype == torch.float64 else np.float32
+    n = len(examples)
+    values = np.zeros((n, projector.dim), dtype=out_dtype)
+    losses = np.full(n, np.nan)
+    reasons = [""] * n
+    live = [i for i, e in enumerate(examples) if int(e["n_response"]) > 0]
+    live_set = set(live)
+    for i in range(n):
+        if i not in live_set:
+            reasons[i] = "no_response_tokens"
+    live.sort(key=lambda i: (len(examples[i]["input_ids"]), i))
+    if adam_state is not None:
+        m, v = (t.to(dev, dtype=torch.float64 if dtype == torch.float64 else torch.float32) for t in adam_state)
+    for s in range(0, len(live), batch_size):
+        idx = live[s : s + batch_size]
+        g, loss = per_example_grads(model, layout, [examples[i] for i in idx], method=method,
+                                    loss_reduction=loss_reduction, pad_token_id=pad_token_id)
+        if variant == "adam":
+            g = adam_precondition(g.to(m.dtype), m, v, form=adam_form)
+        with torch.no_grad():
+            phi = projector.project(g.detach())
+        values[idx] = phi.cpu().numpy().astype(out_dtype)
+        losses[idx] = loss.detach().double().cpu().numpy()
+    raw = values.copy() if keep_unnormalized else None
+    if normalize:
+        values, zero = normalise_rows(values)
+        for i in np.flatnonzero(zero):
+            reasons[i] = reasons[i] or "zero_gradient"
+    if not np.all(np.isfinite(values)):
+        bad = [examples[i]["uid"] for i in np.flatnonzero(~np.isfinite(values).all(axis=1))[:5]]
+        raise SchemaError("gradient features are not finite.", field="grads", expected="finite values", found=bad)
+    meta = {"layout_hash": layout.hash, "n_params": layout.n_params, **projector.describe(), "variant": variant,
+            "adam_form": adam_form if variant == "adam" else None, "loss_reduction": loss_reduction,
+            "normalized": bool(normalize), "dtype": str(np.dtype(out_dtype))}
+    return GradFeatures([str(e["uid"]) for e in examples], values, losses, reasons,
+                        np.array([bool(e["truncated"]) for e in examples]), meta, raw)
+
+
+# =============================================================================== checkpoints
+def add_lora(model: Any, *, r: int = 8, alpha: int = 32, targets: Sequence[str] = LORA_TARGETS, seed: int = 0) -> Any:
+    """Wrap ``model`` with fresh seeded LoRA adapters (peft), dropout 0 (spec §3 CPU preset)."""
+    torch = require("torch", "LoRA gradient features")
+    peft = require("peft", "LoRA gradient features")
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
+                          task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        wrapped = peft.get_peft_model(model, cfg)
+    wrapped.eval()
+    return wrapped
+
+
+def read_checkpoint(model: Any, ckpt: str | os.PathLike[str]) -> tuple[Any, dict[str, Any], Path | None]:
+    """Load a warm-up checkpoint folder: peft adapters (``adapter_config.json``), its meta
+    (``checkpoint.json`` with ``mean_lr``) and the optimizer file (``adam_state.pt`` by name, or HF
+    ``optimizer.pt``), if present."""
+    peft = require("peft", "LoRA checkpoints")
+    folder = Path(ckpt)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: checkpoint folder not found.")
+    if (folder / "adapter_config.json").exists():
+        model = peft.PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    meta = json.loads((folder / "checkpoint.json").read_text()) if (folder / "checkpoint.json").exists() else {}
+    opt = next((folder / f for f in ("adam_state.pt", "optimizer.pt") if (folder / f).exists()), None)
+    model.eval()
+    return model, meta, opt
+
+
+# ================================================================================ the step
+def _check_int(owner: str, name: str, value: Any, lo: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise param_error(owner, name, f"{'None or ' if allow_none else ''}an integer >= {lo}", value)
+
+
+@register_step("grad_features")
+@dataclass(frozen=True, kw_only=True)
+class GradFeaturesStep:
+    """Per-example gradient features (LESS) of every row, stored as feature sets; keeps every row.
+
+    Pool rows go to ``name`` (default ``grad/<variant>``): (N, d), or (N, C, d) for C checkpoints
+    with meta ``lr_weights``. With ``targets`` and a recipe target table, the targets' plain (SGD)
+    gradients go to ``target_name`` (default ``grad/sgd/targets``), compatible by construction.
+    Output columns: keep (always True), reason (``no_response_tokens`` / ``zero_gradient`` / ""),
+    score (the row's response loss; -inf without response tokens).
+    """
+
+    name: ClassVar[str] = "grad_features"
+    model: str = "default"
+    checkpoints: tuple[str, ...] = ()
+    checkpoint_lrs: tuple[float, ...] | None = None
+    params: str = "lora"
+    proj_dim: int | None = 512
+    variant: str = "sgd"
+    adam_form: str = "less_code"
+    proj_kind: str = "rademacher"
+    seed: int | None = None
+    max_length: int = 512
+    batch_size: int = 8
+    loss_reduction: str = "mean"
+    method: str = "auto"
+    field: str = "auto"
+    train_on: str = "all_assistant_turns"
+    targets: bool = True
+    lora_r: int = 8
+    lora_alpha: int = 32
+    dtype: str = "float32"
+    device: str | None = None
+    feature_name: str | None = None
+    target_name: str = "grad/sgd/targets"
+
+    def __post_init__(self) -> None:
+        o = "grad_features"
+        object.__setattr__(self, "checkpoints", tuple(str(c) for c in (self.checkpoints or ())))
+        if self.checkpoint_lrs is not None:
+            lrs = tuple(self.checkpoint_lrs)
+            if len(lrs) != len(self.checkpoints) or not all(isinstance(x, (int, float)) and x > 0 for x in lrs):
+                raise param_error(o, "checkpoint_lrs", "None or one positive number per checkpoint", self.checkpoint_lrs)
+            object.__setattr__(self, "checkpoint_lrs", lrs)
+        _check_int(o, "proj_dim", self.proj_dim, 1, allow_none=True)
+        _check_int(o, "max_length", self.max_length, 2)
+        _check_int(o, "batch_size", self.batch_size, 1)
+        _check_int(o, "lora_r", self.lora_r, 1)
+        _check_int(o, "lora_alpha", self.lora_alpha, 1)
+        _check_int(o, "seed", self.seed, 0, allow_none=True)
+        for pname, value, choices in (
+            ("variant", self.variant, VARIANTS), ("adam_form", self.adam_form, ADAM_FORMS),
+            ("proj_kind", self.proj_kind, ("rademacher", "gaussian")), ("loss_reduction", self.loss_reduction, REDUCTIONS),
+            ("method", self.method, METHODS), ("field", self.field, ("auto", "chosen", "rejected")),
+            ("train_on", self.train_on, ("all_assistant_turns", "last_assistant_turn")),
+            ("dtype", self.dtype, ("float32", "float64")),
+        ):
+            if value not in choices:
+                raise param_error(o, pname, f"one of {choices}", value)
+        if self.variant == "adam" and not self.checkpoints:
+            raise param_error(o, "checkpoints", "at least one warm-up checkpoint with optimizer state when variant='adam'",
+                              self.checkpoints)
+        if not isinstance(self.params, str) or not self.params:
+            raise param_error(o, "params", "a preset (lora, mlp, last_blocks:k, mlp_last_blocks:k) or comma-separated globs",
+                              self.params)
+        if self.model != "default" and not (Path(self.model) / "config.json").exists():
+            raise param_error(o, "model", "'default' or a local Hugging Face model folder", self.model)
+
+    def _params(self, seed: int) -> dict[str, Any]:
+        from curate.pipeline.step import step_params
+
+        return {**step_params(self), "seed": seed}
+
+    def _models(self, seed: int, device: str) -> list[tuple[Any, Any, float | None, Path | None]]:
+        """(model, tokenizer, mean lr, optimizer file) per checkpoint (the base model when none)."""
+        from curate.features.lm import load_causal_lm
+
+        out = []
+        for c in self.checkpoints or (None,):
+            lm, tok = load_causal_lm(self.model, device=device, dtype=self.dtype)
+            lr, opt = None, None
+            if c is not None:
+                lm, meta, opt = read_checkpoint(lm, c)
+                lr = meta.get("mean_lr")
+            elif self.params == "lora":
+                lm = add_lora(lm, r=self.lora_r, alpha=self.lora_alpha, seed=seed)
+            out.append((lm, tok, lr, opt))
+        return out
+
+    def apply(self, table: pl.DataFrame, ctx: Any) -> pl.DataFrame:
+        from curate.features.lm import encode_examples, resolve_device
+        from curate.features.store import FeatureSet, cache_key
+
+        torch = require("torch", "gradient features")
+        seed = ctx.seed if self.seed is None else self.seed
+        device = resolve_device(self.device or getattr(ctx, "device", "auto"))
+        pool_name = self.feature_name or f"grad/{self.variant}"
+        params = self._params(seed)
+        key = cache_key(table["uid"].to_list(), params)
+        targets = getattr(ctx, "targets", None) if self.targets else None
+        tkey = cache_key(targets["uid"].to_list(), {**params, "variant": "sgd"}) if targets is not None else None
+        cached = ctx.features.get(pool_name, key)
+        if cached is not None and (targets is None or ctx.features.get(self.target_name, tkey) is not None):
+            reasons = cached.meta.get("reasons", {})
+            losses = cached.meta.get("losses", {})
+            return self._frame(table, reasons, losses)
+        pool_parts, tgt_parts, lrs, metas = [], [], [], []
+        res = None
+        for lm, tok, lr, opt in self._models(seed, device):
+            layout = select_parameters(lm, self.params)
+            proj = Projector(layout.n_params, self.proj_dim, seed=seed, kind=self.proj_kind, layout_hash=layout.hash,
+                             dtype="float64" if self.dtype == "float64" else "float32")
+            kw = {"max_length": self.max_length, "field": self.field, "train_on": self.train_on}
+            adam = None
+            if self.variant == "adam":
+                trainable = [n for n, p in lm.named_parameters() if p.requires_grad]
+                if opt is None:
+                    raise FileNotFoundError("variant 'adam' needs adam_state.pt or optimizer.pt in every checkpoint.")
+                adam = load_adam_state(opt, layout, trainable_names=trainable)
+            common = {"layout": layout, "projector": proj, "batch_size": self.batch_size, "method": self.method,
+                      "loss_reduction": self.loss_reduction, "pad_token_id": int(tok.pad_token_id or 0)}
+            res = compute_grad_features(lm, encode_examples(table, tok, **kw), variant=self.variant,
+                                        adam_state=adam, adam_form=self.adam_form, **common)
+            pool_parts.append(res.values)
+            metas.append(res.meta)
+            lrs.append(lr)
+            if targets is not None:
+                tres = compute_grad_features(lm, encode_examples(targets, tok, **kw), variant="sgd", **common)
+                tgt_parts.append(tres.values)
+        assert res is not None  # at least one model
+        check_compatible(*metas)
+        weights = self.checkpoint_lrs or (tuple(lrs) if all(x is not None for x in lrs) else (1.0,) * len(lrs))
+        w = lr_weights(weights)
+        base_meta = {**metas[-1], "model": self.model, "checkpoints": list(self.checkpoints),
+                     "lr_weights": w.tolist(), "seed": seed, "params": self.params, "max_length": self.max_length}
+        reasons = {u: r for u, r in zip(res.uids, res.reasons, strict=True) if r}
+        losses = {u: (None if not np.isfinite(x) else float(x)) for u, x in zip(res.uids, res.losses, strict=True)}
+        pool = np.stack(pool_parts, axis=1) if len(pool_parts) > 1 else pool_parts[0]
+        ctx.features.put(FeatureSet(pool_name, np.asarray(res.uids, dtype=object), pool,
+                                    {**base_meta, "cache_key": key, "reasons": reasons, "losses": losses}))
+        if targets is not None:
+            tvals = np.stack(tgt_parts, axis=1) if len(tgt_parts) > 1 else tgt_parts[0]
+            ctx.features.put(FeatureSet(self.target_name, np.asarray(targets["uid"].to_list(), dtype=object), tvals,
+                                        {**base_meta, "variant": "sgd", "adam_form": None, "cache_key": tkey}))
+        return self._frame(table, reasons, losses)
+
+    @staticmethod
+    def _frame(table: pl.DataFrame, reasons: Mapping[str, str], losses: Mapping[str, float | None]) -> pl.DataFrame:
+        uids = table["uid"].to_list()
+        score = [(-math.inf if reasons.get(u) == "no_response_tokens" else (losses.get(u) if losses.get(u) is not None
+                  else float("nan"))) for u in uids]
+        return pl.DataFrame({"uid": uids, "keep": [True] * len(uids), "reason": [reasons.get(u, "") for u in uids],
+                             "score": score}, schema={"uid": pl.Utf8, "keep": pl.Boolean, "reason": pl.Utf8,
+                                                      "score": pl.Float64})

@@ -1,0 +1,169 @@
+"""TAROT whitened features (specs/gradient-features.md §9).
+
+Feng et al., "TAROT: Targeted Data Selection via Optimal Transport", ICML 2025, arXiv 2412.00420
+(code ``vita-epfl/TAROT``). Candidates Φ (N×d) and targets Ψ (M×d) are centred *jointly*, the
+covariance Σ of the stacked rows gets a ridge, Σ_λ = LLᵀ (Cholesky, float64), Z = X_c L⁻ᵀ, and each
+row is normalised, so ẑ_x·ẑ_y is the Mahalanobis cosine x_cᵀΣ_λ⁻¹y_c / √(…)(…).
+
+Deviation from the reference: the ridge is relative by default, Σ + λ·(tr Σ/d)·I with λ = 1e-3,
+because the reference's absolute 1e-5·I can exceed the feature variances of its √P-scaled features
+and turn whitening into an isotropic rescale (``ridge_mode="absolute"`` reproduces it). The mean and
+covariance are accumulated in float64 row chunks, so memory is d² plus one chunk.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from curate.errors import SchemaError, param_error
+
+RIDGE_MODES = ("relative", "absolute")
+METHODS = ("cholesky", "zca")
+
+
+def _check(name: str, x: Any) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x.reshape(len(x), -1)
+    if x.ndim != 2:
+        raise SchemaError("features must be a 2-d array.", field=name, expected="(n, d)", found=x.shape)
+    if not np.all(np.isfinite(x)):
+        row = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+        raise SchemaError("features contain NaN or infinite values.", line=row + 1, field=name, expected="finite values",
+                          found="NaN/inf")
+    return x
+
+
+def _whiten_factor(phi: np.ndarray, psi: np.ndarray, ridge: float, ridge_mode: str, method: str,
+                   chunk: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(μ, W, λ used) with z = (x − μ) W: W = L⁻ᵀ (Cholesky) or Σ_λ^{-1/2} (ZCA)."""
+    n, d = phi.shape[0] + psi.shape[0], phi.shape[1]
+    total = np.zeros(d)
+    for block in (phi, psi):
+        for s in range(0, len(block), chunk):
+            total += block[s : s + chunk].sum(axis=0, dtype=np.float64)
+    mu = total / n
+    cov = np.zeros((d, d))
+    for block in (phi, psi):
+        for s in range(0, len(block), chunk):
+            xc = np.asarray(block[s : s + chunk], dtype=np.float64) - mu
+            cov += xc.T @ xc
+    cov /= n
+    scale = np.trace(cov) / d if ridge_mode == "relative" else 1.0
+    lam = float(ridge)
+    for attempt in range(4):
+        reg = cov + lam * scale * np.eye(d)
+        try:
+            if method == "cholesky":
+                low = np.linalg.cholesky(reg)
+                w = np.linalg.solve(low, np.eye(d)).T  # L⁻ᵀ, computed once (d × d)
+            else:
+                vals, vecs = np.linalg.eigh(reg)
+                if vals.min() <= 0:
+                    raise np.linalg.LinAlgError("not positive definite")
+                w = (vecs / np.sqrt(vals)) @ vecs.T
+            return mu, w, lam
+        except np.linalg.LinAlgError:
+            if attempt == 3:
+                raise
+            new = lam * 10 if lam > 0 else 1e-12
+            warnings.warn(f"whitening: covariance not positive definite at ridge {lam:g}; retrying with {new:g}.",
+                          stacklevel=3)
+            lam = new
+    raise AssertionError("unreachable")
+
+
+def whiten(
+    phi: Any,
+    psi: Any,
+    *,
+    ridge: float = 1e-3,
+    ridge_mode: str = "relative",
+    method: str = "cholesky",
+    chunk: int = 8192,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whitened, row-normalised candidate and target features (float64).
+
+    Args:
+        phi: candidates (N, d) (or (N, C, d), flattened).
+        psi: targets (M, d).
+        ridge: λ ≥ 0.
+        ridge_mode: ``relative`` (λ·tr Σ/d, default) | ``absolute`` (λ, the reference).
+        method: ``cholesky`` (default) | ``zca`` (same cosines, tested).
+        chunk: rows per chunk for the mean, covariance and the solve.
+
+    Returns:
+        (Ẑ_D (N, d), Ẑ_Q (M, d)); the whitened cosine matrix is ``Ẑ_D @ Ẑ_Q.T``.
+
+    Raises:
+        SchemaError: NaN/inf features or mismatched widths. ParameterError: bad ridge/mode/method.
+    """
+    if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not np.isfinite(ridge) or ridge < 0:
+        raise param_error("whiten", "ridge", "a finite number >= 0", ridge)
+    if ridge_mode not in RIDGE_MODES:
+        raise param_error("whiten", "ridge_mode", f"one of {RIDGE_MODES}", ridge_mode)
+    if method not in METHODS:
+        raise param_error("whiten", "method", f"one of {METHODS}", method)
+    if not isinstance(chunk, int) or chunk < 1:
+        raise param_error("whiten", "chunk", "an integer >= 1", chunk)
+    phi, psi = _check("phi", phi), _check("psi", psi)
+    if phi.shape[1] != psi.shape[1]:
+        raise SchemaError("candidate and target features differ in width.", field="psi",
+                          expected=f"(M, {phi.shape[1]})", found=psi.shape)
+    n, d = phi.shape[0] + psi.shape[0], phi.shape[1]
+    if n <= d:
+        warnings.warn(f"whitening {n} rows in {d} dimensions (N + M <= d): the covariance is singular and only the "
+                      "ridge makes it invertible.", stacklevel=2)
+    elif n < 2 * d:
+        warnings.warn(f"whitening {n} rows in {d} dimensions (N + M < 2d): the covariance is poorly estimated.",
+                      stacklevel=2)
+    mu, w, _ = _whiten_factor(phi, psi, float(ridge), ridge_mode, method, chunk)
+
+    def apply(x: np.ndarray) -> np.ndarray:
+        out = np.empty((len(x), d))
+        for s in range(0, len(x), chunk):
+            z = (np.asarray(x[s : s + chunk], dtype=np.float64) - mu) @ w
+            out[s : s + chunk] = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        return out
+
+    return apply(phi), apply(psi)
+
+
+def mahalanobis_cosine(phi: Any, psi: Any, *, ridge: float = 1e-3, ridge_mode: str = "relative") -> np.ndarray:
+    """Direct reference: x_cᵀΣ_λ⁻¹y_c / √((x_cᵀΣ_λ⁻¹x_c)(y_cᵀΣ_λ⁻¹y_c)) with a dense inverse (small d only)."""
+    phi, psi = np.asarray(phi, dtype=np.float64), np.asarray(psi, dtype=np.float64)
+    x = np.vstack([phi, psi])
+    mu = x.mean(axis=0)
+    xc = x - mu
+    cov = xc.T @ xc / len(x)
+    d = x.shape[1]
+    scale = np.trace(cov) / d if ridge_mode == "relative" else 1.0
+    inv = np.linalg.inv(cov + ridge * scale * np.eye(d))
+    a, b = phi - mu, psi - mu
+    num = a @ inv @ b.T
+    na = np.sqrt(np.einsum("ij,jk,ik->i", a, inv, a))
+    nb = np.sqrt(np.einsum("ij,jk,ik->i", b, inv, b))
+    return num / np.outer(na, nb)
+
+
+def whiten_feature_sets(pool: Any, targets: Any, *, ridge: float = 1e-3, ridge_mode: str = "relative",
+                        name: str = "grad/whitened") -> tuple[Any, Any]:
+    """Whiten two :class:`~curate.features.store.FeatureSet` objects together.
+
+    Returns (pool set ``name``, target set ``name + '/targets'``), float32 values, meta carrying the
+    inputs' meta plus ``whitened``, ``ridge``, ``ridge_mode``. Raises if the inputs were computed with
+    different layouts or projectors.
+    """
+    from curate.features.gradients import check_compatible
+    from curate.features.store import FeatureSet
+
+    check_compatible(pool.meta, targets.meta)
+    zd, zq = whiten(pool.values, targets.values, ridge=ridge, ridge_mode=ridge_mode)
+    meta = {k: v for k, v in pool.meta.items() if k not in ("cache_key", "reasons", "losses")}
+    meta.update({"whitened": True, "ridge": ridge, "ridge_mode": ridge_mode, "normalized": True,
+                 "source_features": [pool.name, targets.name]})
+    return (FeatureSet(name, pool.uids, zd.astype(np.float32), dict(meta)),
+            FeatureSet(f"{name}/targets", targets.uids, zq.astype(np.float32), dict(meta)))

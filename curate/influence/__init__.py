@@ -1,0 +1,32 @@
+"""Influence functions: curvature (identity, diagonal, K-FAC, EK-FAC), pairwise scores, low-rank
+queries and a TF-IDF prefilter (specs/ekfac.md).
+
+Importing this package is light; torch is imported when one of the names below is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Curvature": "curate.influence.curvature",
+    "LayerFactors": "curate.influence.curvature",
+    "Task": "curate.influence.task",
+    "CausalLMTask": "curate.influence.task",
+    "ScoreMatrix": "curate.influence.scores",
+    "example_gradients": "curate.influence.scores",
+    "precondition_examples": "curate.influence.scores",
+    "pairwise_scores": "curate.influence.scores",
+    "self_scores": "curate.influence.scores",
+    "tfidf_topk": "curate.influence.tfidf",
+    "select_modules": "curate.influence._capture",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'curate.influence' has no attribute {name!r}")

@@ -1,0 +1,9 @@
+"""Reading sources into the canonical table (readers, format detection) and atomic writers."""
+
+from __future__ import annotations
+
+from curate.io.detect import detect_format
+from curate.io.formats import FORMATS, FormatInfo
+from curate.io.readers import ReadResult, expand_inputs, read_source, read_sources
+
+__all__ = ["FORMATS", "FormatInfo", "ReadResult", "detect_format", "expand_inputs", "read_source", "read_sources"]

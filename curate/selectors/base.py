@@ -1,0 +1,477 @@
+"""The selector contract: :class:`Selector`, :class:`Budget`, :class:`Selection`, :class:`BaseSelector`.
+
+DESIGN.md "Selectors". A selector is a frozen keyword-only dataclass whose fields are its
+hyperparameters (validated in ``__post_init__`` with :func:`curate.errors.param_error`). It reads
+feature sets by *role* (``"grads"``, ``"target_grads"``, ``"embed"``, ...) from a mapping
+``role -> FeatureSet``; roles whose name starts with ``target_`` hold target rows, every other
+role is aligned to the pool's uids.
+
+:class:`BaseSelector` does the shared work so that a new selector writes only ``_score`` (and
+``_choose`` when it is not score-then-cut):
+
+- feature checks (missing roles raise :class:`~curate.errors.MissingFeatureError`; target feature
+  dimensions must match the pool's);
+- canonical order: the pool is sorted by ``uid`` before anything else, so results are invariant to
+  row order and "first index" ties are "smallest uid" ties;
+- budgets (``n``, ``fraction`` or ``tokens``);
+- stable top-k with ties broken by uid;
+- the :class:`Selection` frame (``uid, score, keep, rank, reason`` plus extra columns) in the
+  caller's row order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import polars as pl
+
+from curate.errors import MissingFeatureError, SchemaError, param_error
+from curate.features.store import FeatureSet
+
+KEPT = "kept"
+BELOW_CUTOFF = "below_budget_cutoff"
+
+
+# --------------------------------------------------------------------------- budget
+@dataclass(frozen=True)
+class Budget:
+    """How much to select: exactly one of ``n`` (rows), ``fraction`` (of the pool) or ``tokens``.
+
+    ``fraction`` resolves to ``floor(fraction * N)`` rows (LESS's top-p). ``tokens`` keeps the
+    longest prefix of the selector's pick order whose summed token counts fit (see
+    :func:`row_tokens`).
+    """
+
+    n: int | None = None
+    fraction: float | None = None
+    tokens: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("n", "fraction", "tokens") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise param_error("Budget", "n", "given alone (exactly one of n, fraction, tokens)", given or None)
+        if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, numbers.Integral) or self.n < 1):
+            raise param_error("Budget", "n", "an integer >= 1", self.n)
+        if self.fraction is not None and (
+            isinstance(self.fraction, bool) or not isinstance(self.fraction, numbers.Real)
+            or not (0.0 < float(self.fraction) <= 1.0)
+        ):
+            raise param_error("Budget", "fraction", "in (0, 1]", self.fraction)
+        if self.tokens is not None and (
+            isinstance(self.tokens, bool) or not isinstance(self.tokens, numbers.Real)
+            or not math.isfinite(float(self.tokens)) or float(self.tokens) <= 0
+        ):
+            raise param_error("Budget", "tokens", "a finite number > 0", self.tokens)
+
+    @classmethod
+    def parse(cls, value: Any) -> Budget:
+        """``Budget`` from a recipe/CLI value.
+
+        ``500`` → n; ``0.1`` → fraction; ``"tokens:2e6"``, ``"n:500"``, ``"0.1"``;
+        ``{"tokens": 2e6}``; or a ``Budget``.
+        """
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, Mapping):
+            if len(value) != 1 or next(iter(value)) not in ("n", "fraction", "tokens"):
+                raise param_error("Budget", "budget", "a mapping with exactly one of n, fraction, tokens", dict(value))
+            key, v = next(iter(value.items()))
+            if key == "n" and isinstance(v, float) and v.is_integer():
+                v = int(v)
+            return cls(**{key: v})
+        if isinstance(value, str):
+            text = value.strip()
+            if ":" in text:
+                key, _, num = text.partition(":")
+                try:
+                    v = float(num)
+                except ValueError:
+                    raise param_error("Budget", "budget", "'n:INT', 'fraction:X' or 'tokens:X'", value) from None
+                return cls.parse({key.strip(): v})
+            try:
+                num = float(text)
+            except ValueError:
+                raise param_error("Budget", "budget", "a number or 'tokens:X'", value) from None
+            value = int(num) if ("." not in text and "e" not in text.lower()) else num
+        if isinstance(value, bool):
+            raise param_error("Budget", "budget", "an int >= 1, a float in (0, 1] or a mapping", value)
+        if isinstance(value, numbers.Integral):
+            return cls(n=int(value))
+        if isinstance(value, numbers.Real):
+            v = float(value)
+            if 0.0 < v <= 1.0:
+                return cls(fraction=v)
+            if v > 1.0 and v.is_integer():
+                return cls(n=int(v))
+            raise param_error("Budget", "budget", "an int >= 1 or a float in (0, 1]", value)
+        raise param_error("Budget", "budget", "an int >= 1, a float in (0, 1] or a mapping", value)
+
+    def rows(self, n_pool: int, lengths: np.ndarray | None = None) -> int:
+        """Upper bound on the number of rows to pick from a pool of ``n_pool`` rows.
+
+        For a token budget this is the most rows that could fit (shortest rows first).
+        """
+        if self.n is not None:
+            return min(int(self.n), n_pool)
+        if self.fraction is not None:
+            return min(int(math.floor(float(self.fraction) * n_pool + 1e-9)), n_pool)
+        assert lengths is not None  # internal: BaseSelector always passes lengths for token budgets
+        csum = np.cumsum(np.sort(lengths))
+        return int(np.searchsorted(csum, float(self.tokens), side="right"))
+
+    def describe(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("n", "fraction", "tokens") if getattr(self, k) is not None}
+
+
+def row_tokens(table: pl.DataFrame) -> np.ndarray:
+    """Token count per row for token budgets: the ``n_tokens`` column when present, otherwise a
+    whitespace word count of the prompt+response text (a tokenizer-free proxy; documented)."""
+    if "n_tokens" in table.columns:
+        return table["n_tokens"].fill_null(0).cast(pl.Float64).to_numpy()
+    from curate.schema import texts
+
+    return np.array([len(t.split()) for t in texts(table, "prompt+response")], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- selection
+@dataclass
+class Selection:
+    """The result of a selector.
+
+    Attributes:
+        frame: one row per candidate, in the input table's order: ``uid`` (str), ``score`` (f64),
+            ``keep`` (bool), ``rank`` (i64, 1-based pick order for kept rows, null otherwise),
+            ``reason`` (str, never empty) and selector-specific extra columns.
+        params: the selector's parameters, the budget and the seed.
+        diagnostics: plain-JSON numbers (OT distances, estimated ratios, THI tables, ...).
+    """
+
+    frame: pl.DataFrame
+    params: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kept_uids(self) -> list[str]:
+        """Kept uids in pick (rank) order."""
+        return self.frame.filter(pl.col("keep")).sort("rank")["uid"].to_list()
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.frame["keep"].sum())
+
+
+@runtime_checkable
+class Selector(Protocol):
+    """What every selector is (DESIGN.md "Selectors")."""
+
+    name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]]
+
+    def select(
+        self, table: pl.DataFrame, features: Mapping[str, FeatureSet], budget: Budget, *, seed: int = 0,
+        targets: pl.DataFrame | None = None,
+    ) -> Selection: ...
+
+
+# --------------------------------------------------------------------------- context / choice
+@dataclass
+class SelectContext:
+    """What ``_score`` / ``_choose`` see. Everything is in canonical (uid-sorted) order.
+
+    Attributes:
+        table: the pool sorted by uid.
+        uids: ``table["uid"]`` as a numpy object array.
+        features: pool roles as (N, d) float arrays aligned to ``uids``; target roles as
+            :class:`FeatureSet` with uids sorted.
+        targets: the target table sorted by uid (task labels), or None.
+        seed: the seed; ``rng`` is ``np.random.default_rng(seed)``.
+        budget: the budget; ``lengths`` are the row token counts when the budget is in tokens.
+    """
+
+    table: pl.DataFrame
+    uids: np.ndarray
+    features: dict[str, Any]
+    targets: pl.DataFrame | None
+    seed: int
+    rng: np.random.Generator
+    budget: Budget
+    lengths: np.ndarray | None = None
+    meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.uids)
+
+    def target_tasks(self, target_uids: Sequence[str]) -> np.ndarray:
+        """Task label of each target uid (from ``targets``; ``"all"`` when unknown)."""
+        if self.targets is None or "task" not in self.targets.columns:
+            return np.array(["all"] * len(target_uids), dtype=object)
+        lut = dict(zip(self.targets["uid"].to_list(), self.targets["task"].to_list(), strict=False))
+        return np.array([lut.get(u) or "all" for u in target_uids], dtype=object)
+
+
+@dataclass
+class Choice:
+    """What ``_choose`` returns (canonical order).
+
+    Attributes:
+        order: indices of kept rows in pick order (length <= k).
+        score: (N,) finite float scores (``-inf`` is allowed for unscored rows).
+        reasons: optional (N,) reasons; empty entries are filled with kept/below_budget_cutoff.
+        extra: extra per-row columns (name -> (N,) array or list).
+        diagnostics: plain numbers for the Selection.
+    """
+
+    order: np.ndarray
+    score: np.ndarray
+    reasons: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+def stable_topk(score: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest scores, ties to the smaller index (= smaller uid in
+    canonical order). NaN counts as -inf."""
+    s = np.where(np.isnan(score), -np.inf, score)
+    order = np.argsort(-s, kind="stable")
+    return order[:k]
+
+
+# --------------------------------------------------------------------------- validators
+def check_int(owner: str, name: str, value: Any, lo: int | None = None, hi: int | None = None,
+              allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        rule = "an integer" + (f" >= {lo}" if lo is not None else "") + (f" and <= {hi}" if hi is not None else "")
+        raise param_error(owner, name, rule + (" or None" if allow_none else ""), value)
+
+
+def check_float(owner: str, name: str, value: Any, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        parts = []
+        if lo is not None:
+            parts.append(f"{'>' if lo_open else '>='} {lo}")
+        if hi is not None:
+            parts.append(f"{'<' if hi_open else '<='} {hi}")
+        rule = "a finite number" + (" " + " and ".join(parts) if parts else "")
+        raise param_error(owner, name, rule + (" or None" if allow_none else ""), value)
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> None:
+    if not isinstance(value, (str, bool)) or value not in choices:
+        raise param_error(owner, name, f"one of {list(choices)}", value)
+
+
+def check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise param_error(owner, name, "True or False", value)
+
+
+def check_str(owner: str, name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str) or not value:
+        raise param_error(owner, name, "a non-empty string" + (" or None" if allow_none else ""), value)
+
+
+# --------------------------------------------------------------------------- base class
+class BaseSelector:
+    """Shared machinery; subclasses are frozen keyword-only dataclasses.
+
+    Subclasses set ``name``, ``requires`` (feature roles), optionally ``needs_targets`` (a target
+    table is mandatory) and ``default_features`` (role -> feature-store name used by the pipeline
+    step), and implement ``_score(ctx) -> scores`` or ``(scores, extra)`` or ``_choose(ctx, k)``.
+    """
+
+    name: ClassVar[str] = "base"
+    requires: ClassVar[tuple[str, ...]] = ()
+    needs_targets: ClassVar[bool] = False
+    default_features: ClassVar[dict[str, str]] = {}
+    default_budget: ClassVar[Any] = 0.1
+    #: (parameter, bad value) pairs that check_selector verifies are rejected (besides type errors).
+    invalid_examples: ClassVar[tuple[tuple[str, Any], ...]] = ()
+
+    # ---- overridable -----------------------------------------------------------------
+    def fills_budget(self) -> bool:
+        """Whether the selector always keeps min(budget, N) rows (False for filters such as DEITA,
+        whose diversity rule may reject rows, and for budgets that are caps, e.g. TAROT OTM)."""
+        return True
+
+    def required_features(self) -> tuple[str, ...]:
+        """Roles this instance needs (may depend on parameters); defaults to ``requires``."""
+        return tuple(self.requires)
+
+    def _score(self, ctx: SelectContext) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _score or _choose")
+
+    def _choose(self, ctx: SelectContext, k: int) -> Choice:
+        out = self._score(ctx)
+        score, extra = (out if isinstance(out, tuple) else (out, {}))
+        score = np.asarray(score, dtype=np.float64)
+        return Choice(order=stable_topk(score, k), score=score, extra=extra)
+
+    # ---- the shared path -----------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    def select(
+        self,
+        table: pl.DataFrame,
+        features: Mapping[str, FeatureSet] | None,
+        budget: Budget | Any,
+        *,
+        seed: int = 0,
+        targets: pl.DataFrame | None = None,
+    ) -> Selection:
+        """Select from ``table`` (one row per candidate, unique ``uid``) within ``budget``.
+
+        Args:
+            table: the pool; needs a ``uid`` column (plus whatever columns the selector reads).
+            features: role -> :class:`FeatureSet`; pool roles must cover every pool uid.
+            budget: a :class:`Budget` or anything :meth:`Budget.parse` accepts.
+            seed: seed of every random choice.
+            targets: the target table (``uid``, ``task``, texts) when the method uses one.
+
+        Raises:
+            MissingFeatureError: a required role is absent or lacks some uids.
+            SchemaError: no/duplicated uids, non-finite features, mismatched target dimensions.
+        """
+        budget = Budget.parse(budget)
+        features = dict(features or {})
+        if "uid" not in table.columns:
+            raise SchemaError(f"{self.name}: the pool has no uid column.", field="uid", expected="a uid column")
+        if table["uid"].is_duplicated().any():
+            dup = table.filter(pl.col("uid").is_duplicated())["uid"][0]
+            raise SchemaError(f"{self.name}: the pool has duplicated uids.", field="uid", found=dup)
+        if self.needs_targets and (targets is None or targets.height == 0):
+            raise MissingFeatureError(f"selector '{self.name}' needs a target table (recipe 'targets' / --target).")
+        roles = self.required_features()
+        missing = [r for r in roles if r not in features]
+        if missing:
+            raise MissingFeatureError(
+                f"selector '{self.name}' needs feature role(s) {missing}; given: {sorted(features)}."
+            )
+        canon = table.with_row_index("__row").sort("uid")
+        uids = np.asarray(canon["uid"].to_list(), dtype=object)
+        feats: dict[str, Any] = {}
+        metas: dict[str, dict[str, Any]] = {}
+        pool_dim = None
+        for role in roles:
+            fs = features[role]
+            if role.startswith("target_"):
+                order = np.argsort(np.asarray(fs.uids.tolist(), dtype=str), kind="stable")
+                vals = np.asarray(fs.values)[order]
+                vals = vals.reshape(len(vals), -1) if vals.ndim != 3 else vals
+                feats[role] = FeatureSet(fs.name, fs.uids[order], vals, dict(fs.meta))
+                _check_finite(self.name, role, fs.uids[order], vals)
+            else:
+                vals = fs.align(uids.tolist())
+                vals = vals.reshape(len(vals), -1) if vals.ndim != 3 else vals
+                _check_finite(self.name, role, uids, vals)
+                feats[role] = vals
+                metas[role] = dict(fs.meta)
+                pool_dim = vals.shape[1:] if pool_dim is None else pool_dim
+        for role in roles:
+            if role.startswith("target_"):
+                base = role[len("target_"):]
+                if base in feats and feats[role].values.shape[1:] != feats[base].shape[1:]:
+                    raise SchemaError(
+                        f"selector '{self.name}': target features '{features[role].name}' do not match the pool's "
+                        f"'{features[base].name}'.", field=role,
+                        expected=f"shape (M, {', '.join(map(str, feats[base].shape[1:]))})",
+                        found=f"(M, {', '.join(map(str, feats[role].values.shape[1:]))})",
+                    )
+        tsorted = targets.sort("uid") if targets is not None and "uid" in targets.columns else targets
+        lengths = row_tokens(canon) if budget.tokens is not None else None
+        ctx = SelectContext(canon, uids, feats, tsorted, int(seed), np.random.default_rng(int(seed)), budget, lengths, metas)
+        n = len(uids)
+        if budget.n is not None and budget.n > n:
+            warnings.warn(
+                f"{self.name}: budget of {budget.n} rows exceeds the pool of {n}; keeping every row.", stacklevel=2
+            )
+        k = budget.rows(n, lengths)
+        choice = self._choose(ctx, k) if n else Choice(np.zeros(0, np.int64), np.zeros(0))
+        order = np.asarray(choice.order, dtype=np.int64)
+        if lengths is not None:
+            fit = np.cumsum(lengths[order]) <= float(budget.tokens) + 1e-9
+            cut = int(np.argmin(fit)) if not fit.all() else len(order)
+            order = order[:cut]
+        return self._frame(ctx, canon, choice, order, budget)
+
+    def _frame(self, ctx: SelectContext, canon: pl.DataFrame, choice: Choice, order: np.ndarray,
+               budget: Budget) -> Selection:
+        n = ctx.n
+        keep = np.zeros(n, dtype=bool)
+        keep[order] = True
+        rank = np.full(n, -1, dtype=np.int64)
+        rank[order] = np.arange(1, len(order) + 1)
+        score = np.asarray(choice.score, dtype=np.float64)
+        if score.shape != (n,):
+            raise RuntimeError(f"{self.name}: _choose returned {score.shape} scores for {n} rows")
+        reasons = np.array(
+            [str(r) if r else "" for r in (choice.reasons if choice.reasons is not None else [""] * n)], dtype=object
+        )
+        reasons[keep & (reasons == "")] = KEPT
+        reasons[~keep & (reasons == "")] = BELOW_CUTOFF
+        # a reason saying 'kept...' on a row cut by a token budget would lie
+        cut_rows = ~keep & np.array([str(r).startswith("kept") for r in reasons], dtype=bool)
+        reasons[cut_rows] = "over_token_budget"
+        cols: dict[str, Any] = {
+            "uid": ctx.uids.tolist(),
+            "score": score,
+            "keep": keep,
+            "rank": pl.Series("rank", rank, dtype=pl.Int64),
+            "reason": reasons.tolist(),
+        }
+        for key, vals in choice.extra.items():
+            cols[key] = list(vals) if not isinstance(vals, np.ndarray) or vals.dtype == object else vals
+        frame = pl.DataFrame(cols).with_columns(
+            pl.when(pl.col("rank") > 0).then(pl.col("rank")).otherwise(None).alias("rank"),
+            pl.Series("__row", canon["__row"]),
+        ).sort("__row").drop("__row")
+        params = {**_plain(self.params()), "budget": budget.describe(), "seed": ctx.seed, "selector": self.name}
+        diag = {"n_pool": n, "n_kept": int(keep.sum()), **_plain(choice.diagnostics)}
+        return Selection(frame, params, diag)
+
+
+def _check_finite(owner: str, role: str, uids: np.ndarray, vals: np.ndarray) -> None:
+    if not np.issubdtype(vals.dtype, np.number):
+        raise SchemaError(f"selector '{owner}': feature role '{role}' is not numeric.", field=role, found=str(vals.dtype))
+    flat = vals.reshape(len(vals), -1)
+    bad = ~np.isfinite(flat).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise SchemaError(
+            f"selector '{owner}': feature role '{role}' has non-finite values.", field=role,
+            expected="finite values", found=f"uid {uids[i]}",
+        )
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj

@@ -1,0 +1,207 @@
+"""CLI verbs of CritiQ: ``curate judge serve`` and ``curate critiq mine | annotate | score``.
+
+``curate.cli`` attaches :data:`COMMANDS`. Every verb takes ``--json`` and prints one JSON summary
+as its last line. The judge API key is read from ``--api-key-env`` (default ``OPENAI_API_KEY``) and
+never printed or written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import polars as pl
+
+from curate.schema import texts, validate_table
+
+
+def _read(path: str) -> pl.DataFrame:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"input not found: {path}.")
+    return validate_table(pl.read_parquet(p), name=path)
+
+
+def _emit(as_json: bool, summary: dict[str, Any]) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+    else:
+        for k, v in summary.items():
+            click.echo(f"{k}: {v}")
+
+
+def _session(url: str, model: str, cache: str, api_key_env: str, concurrency: int, mode: str = "read_write") -> Any:
+    from curate.selectors.critiq.judge import JudgeSession, OpenAICompatJudge
+
+    return JudgeSession(OpenAICompatJudge(url, model, api_key_env=api_key_env, max_concurrency=concurrency),
+                        cache, cache_mode=mode)
+
+
+def render_pair_texts(table: pl.DataFrame) -> tuple[list[str], list[str]]:
+    """(chosen side, rejected side) texts of preference rows: the prompt followed by the response."""
+    prompts, chosen, rejected = texts(table, "prompt"), texts(table, "chosen"), texts(table, "rejected")
+    fmt = "[Instruction]\n{p}\n\n[Response]\n{r}"
+    return ([fmt.format(p=p, r=r) for p, r in zip(prompts, chosen, strict=True)],
+            [fmt.format(p=p, r=r) for p, r in zip(prompts, rejected, strict=True)])
+
+
+def human_pairs(table: pl.DataFrame) -> list[Any]:
+    """Preference rows → :class:`Pair` (chosen is A and better; the Flow swaps)."""
+    from curate.errors import SchemaError
+    from curate.selectors.critiq.flow import Pair
+
+    pref = table.filter(pl.col("kind") == "preference")
+    if pref.height == 0:
+        raise SchemaError("no preference rows to mine criteria from.", field="kind", expected="'preference' rows",
+                          found=f"{table.height} rows of kinds {sorted(set(table['kind'].to_list()))}")
+    a, b = render_pair_texts(pref)
+    return [Pair(f"{u}:chosen", f"{u}:rejected", x, y, "A") for u, x, y in zip(pref["uid"].to_list(), a, b, strict=True)]
+
+
+common = [
+    click.option("--judge-url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."),
+    click.option("--judge-model", default="smollm2-135m-instruct", show_default=True, help="Worker model name."),
+    click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True, help="Env variable with the API key."),
+    click.option("--cache", "cache", default=".curate_cache/judge.sqlite", show_default=True,
+                 help="SQLite cache of judge replies."),
+    click.option("--concurrency", default=4, show_default=True, type=int, help="Worker calls in flight."),
+    click.option("--seed", default=0, show_default=True, type=int),
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON summary as the last line."),
+]
+
+
+def _with(opts: list[Any]) -> Any:
+    def deco(fn: Any) -> Any:
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+    return deco
+
+
+@click.group()
+def judge() -> None:
+    """A local OpenAI-compatible LLM judge endpoint."""
+
+
+@judge.command("serve")
+@click.option("--model", default="default", show_default=True, help="'default' (SmolLM2-135M-Instruct) or a folder.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--served-name", default=None, help="Model name clients send [default: smollm2-135m-instruct].")
+def serve_cmd(model: str, host: str, port: int, device: str, served_name: str | None) -> None:
+    """Serve /v1/chat/completions and /v1/models backed by a local causal LM (blocks)."""
+    from curate.selectors.critiq.server import serve
+
+    click.echo(f"serving {model} on http://{host}:{port}/v1", err=True)
+    serve(model, host=host, port=port, device=device, served_name=served_name)
+
+
+@click.group()
+def critiq() -> None:
+    """CritiQ: mine quality criteria from human pairs, annotate a pool, score and select."""
+
+
+@critiq.command("mine")
+@click.argument("pairs_path", metavar="PAIRS.parquet")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="CRITERIA.json")
+@click.option("--manager-url", default=None, help="Manager endpoint [default: the judge URL].")
+@click.option("--manager-model", default=None, help="Manager model [default: the judge model].")
+@click.option("--kb", "kb_path", default=None, help="Knowledge base JSON [default: the starter KB]; 'none' skips.")
+@click.option("--epochs", default=3, show_default=True, type=int)
+@click.option("--n-criteria", default=20, show_default=True, type=int)
+@click.option("--max-llm-calls", default=None, type=int)
+@click.option("--max-tokens", default=1024, show_default=True, type=int, help="Worker reply length.")
+@_with(common)
+def mine_cmd(pairs_path: str, output: str, manager_url: str | None, manager_model: str | None, kb_path: str | None,
+             epochs: int, n_criteria: int, max_llm_calls: int | None, max_tokens: int, judge_url: str,
+             judge_model: str, api_key_env: str, cache: str, concurrency: int, seed: int, as_json: bool) -> None:
+    """Run the CritiQ Flow on ~30 human preference pairs and write the criteria JSON."""
+    from curate.selectors.critiq.flow import CritiQFlow, FlowConfig
+    from curate.selectors.critiq.kb import load_kb
+
+    t0 = time.time()
+    pairs = human_pairs(_read(pairs_path))
+    worker = _session(judge_url, judge_model, cache, api_key_env, concurrency)
+    manager = _session(manager_url or judge_url, manager_model or judge_model, cache, api_key_env, 1)
+    kb = [] if kb_path == "none" else load_kb(kb_path)
+    cfg = FlowConfig(n_criteria=n_criteria, epochs=epochs, max_llm_calls=max_llm_calls, seed=seed,
+                     max_workers=concurrency, worker_max_tokens=max_tokens)
+    log = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
+    res = CritiQFlow(worker, manager, cfg, kb=kb, log=log).run(pairs)
+    res.save(output)
+    _emit(as_json, {"output": output, "n_pairs": len(pairs), "n_criteria": len(res.criteria),
+                    "criteria": [c.name for c in res.criteria], "vote_accuracy": res.vote_accuracy,
+                    "calls": res.calls, "seconds": round(time.time() - t0, 2)})
+
+
+@critiq.command("annotate")
+@click.argument("in_path", metavar="IN.parquet")
+@click.option("--criteria", "criteria_path", required=True, help="CRITERIA.json from `curate critiq mine`.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PAIRS_OUT.parquet")
+@click.option("--n-pairs", default=None, type=int, help="Pairs to judge [default: min(25000, N/2)].")
+@click.option("--n-buckets", default=10, show_default=True, type=int)
+@click.option("--max-tokens", default=1024, show_default=True, type=int)
+@_with(common)
+def annotate_cmd(in_path: str, criteria_path: str, output: str, n_pairs: int | None, n_buckets: int, max_tokens: int,
+                 judge_url: str, judge_model: str, api_key_env: str, cache: str, concurrency: int, seed: int,
+                 as_json: bool) -> None:
+    """Label length-bucketed random pairs of a pool by majority vote over the criteria (resumable)."""
+    from curate.selectors.critiq.annotate import annotate_table, write_parquet_atomic
+    from curate.selectors.critiq.flow import load_criteria
+
+    t0 = time.time()
+    table = _read(in_path)
+    criteria = load_criteria(criteria_path)
+    worker = _session(judge_url, judge_model, cache, api_key_env, concurrency)
+    out = annotate_table(table, criteria, worker, n_pairs=n_pairs, n_buckets=n_buckets, seed=seed,
+                         max_workers=concurrency, max_tokens=max_tokens)
+    write_parquet_atomic(out, output)
+    _emit(as_json, {"output": output, "n_labelled": out.height, "n_criteria": len(criteria),
+                    "calls": worker.stats.as_dict(), "seconds": round(time.time() - t0, 2)})
+
+
+@critiq.command("score")
+@click.argument("in_path", metavar="IN.parquet")
+@click.option("--pairs", "pairs_path", required=True, help="PAIRS_OUT.parquet from `curate critiq annotate`.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="OUT_DIR")
+@click.option("--budget", default="0.1", show_default=True, help="Rows (int), fraction, or tokens:X.")
+@click.option("--temperature", default=1.0, show_default=True, type=float)
+@click.option("--scorer", default="embedding_linear", show_default=True)
+@click.option("--embed-model", default="default", show_default=True, help="'default' (MiniLM), 'hashing' or a folder.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+def score_cmd(in_path: str, pairs_path: str, out_dir: str, budget: str, temperature: float, scorer: str,
+              embed_model: str, seed: int, as_json: bool) -> None:
+    """Train the Bradley–Terry scorer on judged pairs, score every row, select by Gumbel top-k."""
+    import numpy as np
+
+    from curate.features.embed import embed_texts
+    from curate.features.store import FeatureSet
+    from curate.selectors.critiq.annotate import write_parquet_atomic
+    from curate.selectors.critiq.flow import atomic_write_json
+    from curate.selectors.critiq.scorer import CritiqSelector
+
+    t0 = time.time()
+    table = _read(in_path)
+    sel = CritiqSelector(pairs=pairs_path, scorer=scorer, temperature=temperature)
+    emb = embed_texts(texts(table, "prompt+response"), model=embed_model)
+    fs = FeatureSet("embed", np.asarray(table["uid"].to_list(), dtype=object), emb, {"model": embed_model})
+    res = sel.select(table, {"embed": fs}, budget, seed=seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = res.frame.rename({c: f"critiq__{c}" for c in res.frame.columns if c != "uid"})
+    joined = table.join(frame, on="uid", how="left")
+    write_parquet_atomic(res.frame, out / "scores.parquet")
+    write_parquet_atomic(joined.filter(pl.col("critiq__keep")), out / "curated.parquet")
+    write_parquet_atomic(joined.filter(~pl.col("critiq__keep")), out / "rejected.parquet")
+    summary = {"output": str(out), "n_in": table.height, "n_kept": res.n_kept, "params": res.params,
+               "diagnostics": res.diagnostics, "seconds": round(time.time() - t0, 2)}
+    atomic_write_json(out / "manifest.json", summary)
+    _emit(as_json, summary)
+
+
+COMMANDS = [judge, critiq]
