@@ -38,7 +38,7 @@ def quick() -> dict:
     from curate.influence import CausalLMTask, Curvature, pairwise_scores
     from curate.influence.exact import exact_scores, fisher_blocks, per_example_grads
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny ops: thread sync costs more than it saves
     lm = trained_lm(0)
     task = CausalLMTask()
     fit = sample_labels(lm, arith_sequences(2048, 11), seed=0)

@@ -38,6 +38,11 @@ _EXPORTS: dict[str, str] = {
     "StepContext": "curate.pipeline.step",
     "register_step": "curate.pipeline.registry",
     "STEPS": "curate.pipeline.registry",
+    "embed_texts": "curate.features.embed",
+    "embed_table": "curate.features.embed",
+    "knn": "curate.features.index",
+    "kmeans": "curate.features.index",
+    "write_report": "curate.report",
     # selectors
     "Budget": "curate.selectors",
     "Selection": "curate.selectors",

@@ -216,9 +216,10 @@ def _print_funnel(manifest: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- list
 @cli.command(name="list")
+@click.argument("what", required=False, type=click.Choice(["steps", "formats", "selectors"]))
 @json_option
-def list_(as_json: bool) -> None:
-    """List registered steps, input formats and selectors with their parameters."""
+def list_(what: str | None, as_json: bool) -> None:
+    """List registered steps, input formats and selectors (or only WHAT) with their parameters."""
     from curate.io import FORMATS
     from curate.pipeline.registry import describe_steps
 
@@ -241,21 +242,28 @@ def list_(as_json: bool) -> None:
     except ImportError:
         pass
     summary = {"command": "list", "steps": steps, "formats": formats, "selectors": selectors}
+    if what:
+        summary = {"command": "list", what: summary[what]}
+        steps = steps if what == "steps" else {}
+        formats = formats if what == "formats" else {}
+        selectors = selectors if what == "selectors" else {}
 
     def human() -> None:
-        click.echo("steps:")
+        if steps:
+            click.echo("steps:")
         for name, d in steps.items():
             click.echo(f"  {name:22s} {d['doc']}")
             if d["params"]:
                 click.echo(f"  {'':22s} params: {', '.join(f'{k}={v!r}' for k, v in d['params'].items())}")
-        click.echo("formats:")
+        if formats:
+            click.echo("formats:")
         for name, d in formats.items():
             click.echo(f"  {name:22s} {d.get('description', '')}")
         if selectors:
             click.echo("selectors:")
             for name, d in selectors.items():
                 click.echo(f"  {name:22s} {d['doc']}")
-                click.echo(f"  {'':22s} params: {', '.join(f'{k}={v!r}' for k, v in d['params'].items())}")
+                click.echo(f"  {'':22s} requires: {d['requires']}; params: {', '.join(f'{k}={v!r}' for k, v in d['params'].items())}")
 
     _emit(as_json, summary, human)
 
@@ -274,13 +282,11 @@ def _attach_optional_commands() -> None:
     """Verbs that live with their feature (judge server, report) register here when present."""
     import importlib
 
-    for module in ("curate.curation.cli", "curate.selectors.critiq.cli", "curate.report.cli"):
+    for module in ("curate.curation.cli", "curate.influence.cli", "curate.preference.cli", "curate.selectors.critiq.cli", "curate.report.cli"):
         try:
             mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and module.startswith(exc.name):
-                continue  # that part is not written yet
-            raise
+        except ImportError:  # an optional part whose dependencies are not installed
+            continue
         commands = getattr(mod, "COMMANDS", None) or [getattr(mod, n, None) for n in ("judge", "report")]
         for cmd in commands:
             if isinstance(cmd, click.Command):

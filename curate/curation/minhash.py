@@ -44,6 +44,7 @@ import polars as pl
 from curate._lazy import require
 from curate.curation._common import (
     TokenHasher,
+    _splitmix64,
     cluster_frame,
     components,
     keep_order,
@@ -213,8 +214,13 @@ def lsh_candidates(sig: np.ndarray, *, bands: int, rows: int, window: int = 16) 
     idx = np.nonzero(valid)[0]
     code = np.empty(0, dtype=np.int64)
     for band in range(bands):
-        block = np.ascontiguousarray(sig[idx, band * rows : (band + 1) * rows])
-        keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel()
+        # A band's rows folded into one 64-bit key (sorting uint64 is far faster than void rows); a
+        # key collision only adds a candidate pair, which verification then checks.
+        block = sig[idx, band * rows : (band + 1) * rows].astype(np.uint64)
+        keys = np.zeros(len(idx), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for c in range(rows):
+                keys = _splitmix64(keys * np.uint64(0x100000001B3) + block[:, c])
         _, inv = np.unique(keys, return_inverse=True)
         inv = inv.ravel()
         order = np.argsort(inv, kind="stable")

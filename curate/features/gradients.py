@@ -673,7 +673,7 @@ class GradFeaturesStep:
         from curate.features.lm import encode_examples, resolve_device
         from curate.features.store import FeatureSet, cache_key
 
-        torch = require("torch", "gradient features")
+        require("torch", "gradient features")
         seed = ctx.seed if self.seed is None else self.seed
         device = resolve_device(self.device or getattr(ctx, "device", "auto"))
         pool_name = self.feature_name or f"grad/{self.variant}"

@@ -21,6 +21,8 @@ STEP_PACKAGES = (
     "curate.curation",
     "curate.features",
     "curate.selectors",
+    "curate.preference",
+    "curate.influence",
 )
 
 T = TypeVar("T", bound=type)

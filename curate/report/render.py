@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,7 +278,7 @@ def build_report(run_dir: str | Path) -> Report:
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>curate report: {esc(name)}</title><style>{CSS}</style></head><body>"
         f"<h1>curate report: {esc(name)}</h1>"
-        f'<p class="meta">generated {esc(time.strftime("%Y-%m-%d %H:%M:%S"))}</p>{nav}'
+        f'<p class="meta">run created {esc(data.manifest.get("created", "?"))}</p>{nav}'
         + "".join(bodies.values()) + "</body></html>\n"
     )
     rows = data.manifest.get("rows") or {}

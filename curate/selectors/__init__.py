@@ -32,6 +32,8 @@ for _cls in (RandomSelector, TopKSelector, KCenterSelector, DeitaSelector, DSIRS
              BidsSelector, TarotSelector):
     register_selector(_cls)
 
+from curate.selectors import ches as _ches  # noqa: E402,F401  (registers CHES; imports torch lazily)
+
 
 def get_selector(name: str) -> type[BaseSelector]:
     """The selector class registered as ``name``; raises a ``RecipeError`` listing the known ones."""

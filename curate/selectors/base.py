@@ -72,6 +72,19 @@ class Budget:
 
     @classmethod
     def parse(cls, value: Any) -> Budget:
+        """``Budget`` from a recipe/CLI value (see :meth:`_parse`); errors name the 'budget' parameter."""
+        from curate.errors import ParameterError
+
+        try:
+            return cls._parse(value)
+        except ParameterError as exc:
+            if "'budget' parameter" in str(exc):
+                raise
+            raise param_error("Budget", "budget", "an int >= 1, a float in (0, 1], 'tokens:X' (X > 0) or "
+                              "{n|fraction|tokens: v}", value) from exc
+
+    @classmethod
+    def _parse(cls, value: Any) -> Budget:
         """``Budget`` from a recipe/CLI value.
 
         ``500`` → n; ``0.1`` → fraction; ``"tokens:2e6"``, ``"n:500"``, ``"0.1"``;
@@ -94,7 +107,7 @@ class Budget:
                     v = float(num)
                 except ValueError:
                     raise param_error("Budget", "budget", "'n:INT', 'fraction:X' or 'tokens:X'", value) from None
-                return cls.parse({key.strip(): v})
+                return cls._parse({key.strip(): v})
             try:
                 num = float(text)
             except ValueError:

@@ -107,10 +107,17 @@ def _run(url: str, cache, mode: str, manager: ScriptedManager, task, **cfg):
     return flow.run(task), worker, mgr
 
 
-def test_flow_over_http_end_to_end(tmp_path, task) -> None:
+@pytest.fixture(scope="module")
+def http_run(tmp_path_factory, task):
+    tmp_path = tmp_path_factory.mktemp("flow")
     manager = ScriptedManager()
     with LocalServer({"rule": RuleJudge(), "manager": manager}) as srv:
-        res, worker, mgr = _run(srv.url, tmp_path / "c.sqlite", "read_write", manager, task)
+        res, _worker, _mgr = _run(srv.url, tmp_path / "c.sqlite", "read_write", manager, task)
+    return res, manager, tmp_path
+
+
+def test_flow_over_http_end_to_end(http_run, task) -> None:
+    res, manager, tmp_path = http_run
     hist = {h["phase"]: h for h in res.history}
     n, n_kb = len(task), len(KB)
     # KB retrieval: > 0.5, sorted by (-acc, name)
@@ -183,16 +190,19 @@ def test_budget_exceeded_before_phase(tmp_path, task) -> None:
     assert rule.n_calls == len(KB) * len(task)  # the KB phase ran, the warm-up never started
 
 
-def test_flow_in_process_matches_http(tmp_path, task) -> None:
-    """Same judges in-process and over HTTP give the same criteria (transport invariance)."""
+def test_flow_in_process_matches_http(http_run, task) -> None:
+    """Same judges in-process and over HTTP give the same criteria (transport invariance), and
+    the final majority vote beats the mean single criterion used alone (abstention = wrong)."""
     w = JudgeSession(BackendJudge(RuleJudge(), "rule"))
     m = JudgeSession(BackendJudge(ScriptedManager(), "manager"))
     a = CritiQFlow(w, m, FlowConfig(n_criteria=6, epochs=2), kb=KB).run(task)
-    with LocalServer({"rule": RuleJudge(), "manager": ScriptedManager()}) as srv:
-        b, _, _ = _run(srv.url, None, "off", ScriptedManager(), task)
-    assert a.criteria_json() == b.criteria_json()
-    single = {c.name: prediction_accuracy(r, task) for c, r in []}
-    assert single == {}
+    assert a.criteria_json() == http_run[0].criteria_json()
+    from curate.selectors.critiq.flow import judge_pairs, swap_pairs as sw
+
+    pairs = sw(task, 0)
+    res = judge_pairs(w, a.criteria, pairs)
+    singles = [prediction_accuracy(r, pairs) for r in res.values()]
+    assert vote_accuracy(res, pairs) >= np.mean(singles)
 
 
 def test_flow_config_validation() -> None:

@@ -106,6 +106,7 @@ def test_embed_table_cache_reuses_rows(tmp_path):
     more = pl.concat([t, _table(5, offset=100)])  # 5 new rows: only they are embedded
     m = embed_table(more, "prompt+response", model=emb, store=store)
     assert emb.n_encoded == 17 and m.meta["n_computed"] == 5
+    np.testing.assert_array_equal(m.values, embed_texts(texts(more, "prompt+response"), model=HashingEmbedder(64)))
     assert len(store["embed/prompt+response"]) == 17
 
     embed_table(t, "prompt", model=emb, store=store)  # another field is another feature

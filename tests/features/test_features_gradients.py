@@ -15,8 +15,8 @@ from curate.errors import ParameterError, SchemaError  # noqa: E402
 from curate.features import projection  # noqa: E402
 from curate.features.gradients import (  # noqa: E402
     GradFeaturesStep,
-    add_lora,
     adam_precondition,
+    add_lora,
     check_compatible,
     compute_grad_features,
     load_adam_state,

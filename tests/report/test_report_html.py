@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-
 import polars as pl
 import pytest
 
@@ -34,7 +33,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real run: 20 distinct rows, one pair repeated 3 times (a planted exact-dup cluster of
     size 3), a refusal whose text carries HTML, a too-short prompt, a malformed line, 2 targets."""
     d = tmp_path_factory.mktemp("report_run")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
     rows: list[dict | str] = [
         {"instruction": f"Explain {words[i % 12]} and {words[(i * 5) % 12]} in {i + 3} sentences please",
          "input": "", "output": " ".join(words[(i + j) % 12] for j in range(8 + i))} for i in range(20)]
@@ -112,6 +111,7 @@ def test_cli_report_json_last_line(run_dir: Path, tmp_path: Path, capsys: pytest
     out = tmp_path / "sub" / "r.html"
     assert main(["report", str(run_dir), "-o", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out.read_bytes() == (run_dir / "report.html").read_bytes()  # deterministic: same run, same bytes
     assert summary["command"] == "report" and summary["output"] == str(out)
     assert summary["sections"] == ALL_SECTIONS
     assert summary["bytes"] == out.stat().st_size and summary["rows"]["curated"] == 10

@@ -43,7 +43,7 @@ def test_selectors_budget_parse(value: object, expected: Budget) -> None:
 
 @pytest.mark.parametrize("value", [0, -1, 0.0, -0.5, 1.5, "tokens:-1", {"n": 1, "fraction": 0.1}, {"bogus": 1}, True, "x"])
 def test_selectors_budget_rejects(value: object) -> None:
-    with pytest.raises(ParameterError, match="parameter of Budget must be"):
+    with pytest.raises(ParameterError, match="The .budget. parameter of Budget must be"):
         Budget.parse(value)
 
 
