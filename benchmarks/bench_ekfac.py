@@ -18,6 +18,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,16 +107,189 @@ def full(n_candidates: int, n_targets: int, modules: str, query_rank: int | None
     return res
 
 
+def cli_run(n_candidates: int, n_gsm8k: int, n_mmlu: int, max_length: int, max_examples: int,
+            query_rank: int | None, strategy: str) -> dict:
+    """The issue's done-when run: ``curate influence fit`` + ``score`` on SmolLM2 (MLP layers) for
+    real Alpaca rows against GSM8K and MMLU targets on CPU, through ``curate.cli.main``."""
+    import tempfile
+
+    import polars as pl
+    import torch
+
+    from curate.cli import main as cli_main
+    from curate.io import read_sources
+    from curate.io.writers import write_parquet
+
+    torch.set_num_threads(2)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_ekfac_"))
+    pool = read_sources([str(DATA / "alpaca" / "alpaca_5000.json")]).table.head(n_candidates)
+    gsm = read_sources([str(DATA / "gsm8k" / "test.jsonl")], kind="target").table.head(n_gsm8k)
+    mmlu_files = sorted((DATA / "mmlu" / "dev").glob("*.csv"))[: max(n_mmlu, 1)]
+    mmlu = read_sources([str(f) for f in mmlu_files]).table
+    mmlu = mmlu.group_by("task", maintain_order=True).head(1).head(n_mmlu).select(gsm.columns)
+    tgt = pl.concat([gsm, mmlu], how="vertical_relaxed")
+    write_parquet(pool, tmp / "pool.parquet")
+    write_parquet(tgt, tmp / "targets.parquet")
+    res: dict = {"mode": "cli", "model": "SmolLM2-135M-Instruct", "modules": "mlp (30 x gate/up/down_proj)",
+                 "strategy": strategy, "n_candidates": pool.height, "n_targets": tgt.height,
+                 "targets": {"gsm8k": gsm.height, "mmlu": mmlu.height}, "max_length": max_length,
+                 "max_examples": max_examples, "query_rank": query_rank, "threads": 2}
+    fit_args = ["influence", "fit", str(tmp / "pool.parquet"), "-o", str(tmp / "factors"), "--strategy", strategy,
+                "--max-examples", str(max_examples), "--max-length", str(max_length), "--json"]
+    t0 = time.perf_counter()
+    rc = cli_main(fit_args)
+    res["fit_s"], res["fit_rc"], res["rss_after_fit_mb"] = time.perf_counter() - t0, rc, _rss_mb()
+    score_args = ["influence", "score", str(tmp / "pool.parquet"), "--target", str(tmp / "targets.parquet"),
+                  "--factors", str(tmp / "factors"), "-o", str(tmp / "scores"), "--json"]
+    if query_rank:
+        score_args += ["--query-rank", str(query_rank)]
+    t0 = time.perf_counter()
+    rc = cli_main(score_args)
+    res["score_s"], res["score_rc"], res["max_rss_mb"] = time.perf_counter() - t0, rc, _rss_mb()
+    vals = np.load(tmp / "scores" / "values.npy")
+    res["scores_shape"] = list(vals.shape)
+    res["scores_finite"] = bool(np.isfinite(vals).all())
+    meta = json.loads((tmp / "scores" / "meta.json").read_text())
+    tasks = dict(zip(tgt["uid"].to_list(), tgt["task"].to_list()))
+    cols = np.array([tasks[u].split("/")[0] for u in meta["target_uids"]])
+    # how similar are the candidate rankings of two targets of the same / different benchmarks
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(vals).statistic if vals.shape[1] > 2 else np.eye(vals.shape[1])
+    same = cols[:, None] == cols[None, :]
+    off = ~np.eye(len(cols), dtype=bool)
+    res["mean_spearman_same_benchmark"] = float(np.nanmean(np.asarray(rho)[same & off]))
+    res["mean_spearman_cross_benchmark"] = float(np.nanmean(np.asarray(rho)[~same]))
+    res["workdir"] = str(tmp)
+    return res
+
+
+def kronfluence_compare(n_train: int, n_queries: int, max_length: int, strategy: str, dtype_name: str,
+                        threads: int) -> dict:
+    """Side by side with kronfluence 1.0.1 (run with a python that has it, see the module doc).
+
+    Same model (a seeded tiny Llama, byte tokenizer), same Alpaca rows (fit and train set) and GSM8K
+    targets, same strategy, empirical Fisher, heuristic damping 0.1 × mean eigenvalue. Both fit on
+    all training rows and score full rank. Pearson of the flattened score matrices and wall times.
+    """
+    import tempfile
+
+    import torch
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    from curate.features.lm import encode_examples
+    from curate.features.tiny import tiny_llama, tiny_tokenizer
+    from curate.influence import CausalLMTask, Curvature, pairwise_scores
+    from curate.io import read_sources
+
+    torch.set_num_threads(threads)
+    dt = getattr(torch, dtype_name)
+    tok = tiny_tokenizer()
+    pool = read_sources([str(DATA / "alpaca" / "alpaca_5000.json")]).table.head(n_train)
+    tgt = read_sources([str(DATA / "gsm8k" / "test.jsonl")], kind="target").table.head(n_queries)
+    train = encode_examples(pool, tok, max_length=max_length)
+    queries = encode_examples(tgt, tok, max_length=max_length)
+    model = tiny_llama(vocab_size=len(tok), hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
+                       dtype=dtype_name, seed=0)
+    names = [n for n, m in model.named_modules() if n.endswith(("gate_proj", "up_proj", "down_proj"))]
+    ctask = CausalLMTask(tok.pad_token_id)
+    bs = 8
+
+    def collate(ex: list) -> dict:
+        return ctask.collate(ex)
+
+    class KTask(Task):
+        def compute_train_loss(self, batch: dict, model: Any, sample: bool = False) -> Any:
+            assert not sample  # empirical Fisher
+            return ctask.loss(model, batch)
+
+        def compute_measurement(self, batch: dict, model: Any) -> Any:
+            return ctask.loss(model, batch)
+
+        def get_influence_tracked_modules(self) -> list[str]:
+            return names
+
+        def get_attention_mask(self, batch: dict) -> Any:
+            return batch["attention_mask"]
+
+    class ListDS(torch.utils.data.Dataset):
+        def __init__(self, rows: list) -> None:
+            self.rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+
+        def __len__(self) -> int:
+            return len(self.rows)
+
+        def __getitem__(self, i: int) -> dict:
+            return self.rows[i]
+
+    res: dict = {"mode": "kronfluence", "strategy": strategy, "dtype": dtype_name, "threads": threads,
+                 "model": "tiny Llama (2 layers, width 64, MLP 128, byte vocab 259), MLP gate/up/down",
+                 "n_train": len(train), "n_queries": len(queries), "max_length": max_length,
+                 "fisher": "empirical", "damping": "heuristic 0.1 x mean eigenvalue", "batch_size": bs}
+    # ours
+    t0 = time.perf_counter()
+    curv = Curvature(strategy=strategy, modules=names, fisher="empirical", dtype=dt, batch_size=bs,
+                     max_examples=None).fit(model, ctask, train)
+    t1 = time.perf_counter()
+    ours = pairwise_scores(curv, model, ctask, queries, train, batch_size=bs).values
+    t2 = time.perf_counter()
+    res["ours_fit_s"], res["ours_score_s"] = t1 - t0, t2 - t1
+    # kronfluence (on a copy: prepare_model wraps modules in place)
+    import copy
+
+    kmodel = prepare_model(copy.deepcopy(model), KTask())
+    out = tempfile.mkdtemp(prefix="kf_")
+    an = Analyzer("bench", model=kmodel, task=KTask(), cpu=True, disable_tqdm=True, output_dir=out)
+    dl = DataLoaderKwargs(collate_fn=collate)
+    fargs = FactorArguments(strategy=strategy, use_empirical_fisher=True, activation_covariance_dtype=dt,
+                            gradient_covariance_dtype=dt, per_sample_gradient_dtype=dt, lambda_dtype=dt)
+    sargs = ScoreArguments(damping_factor=None, per_sample_gradient_dtype=dt, precondition_dtype=dt, score_dtype=dt)
+    t0 = time.perf_counter()
+    an.fit_all_factors("f", dataset=ListDS(train), per_device_batch_size=bs, factor_args=fargs,
+                       dataloader_kwargs=dl, overwrite_output_dir=True)
+    t1 = time.perf_counter()
+    an.compute_pairwise_scores("s", factors_name="f", query_dataset=ListDS(queries), train_dataset=ListDS(train),
+                               per_device_query_batch_size=bs, per_device_train_batch_size=bs, score_args=sargs,
+                               dataloader_kwargs=dl, overwrite_output_dir=True)
+    t2 = time.perf_counter()
+    theirs = an.load_pairwise_scores("s")["all_modules"].double().numpy()
+    res["kronfluence_fit_s"], res["kronfluence_score_s"] = t1 - t0, t2 - t1
+    res["pearson"] = float(np.corrcoef(ours.ravel(), theirs.ravel())[0, 1])
+    res["max_rel_diff"] = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+    res["time_ratio_ours_vs_kronfluence"] = (res["ours_fit_s"] + res["ours_score_s"]) / (
+        res["kronfluence_fit_s"] + res["kronfluence_score_s"])
+    res["max_rss_mb"] = _rss_mb()
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--cli", action="store_true", help="curate influence fit + score through the CLI (done-when run)")
+    p.add_argument("--n-gsm8k", type=int, default=10)
+    p.add_argument("--n-mmlu", type=int, default=10)
+    p.add_argument("--max-examples", type=int, default=100)
+    p.add_argument("--strategy", default="ekfac")
+    p.add_argument("--kronfluence", action="store_true", help="side by side with kronfluence 1.0.1")
+    p.add_argument("--n-train", type=int, default=128)
+    p.add_argument("--n-queries", type=int, default=16)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-candidates", type=int, default=1000)
     p.add_argument("--n-targets", type=int, default=100)
     p.add_argument("--modules", default="mlp")
     p.add_argument("--query-rank", type=int, default=32)
     p.add_argument("--max-length", type=int, default=256)
     a = p.parse_args()
-    res = quick() if a.quick else full(a.n_candidates, a.n_targets, a.modules, a.query_rank, a.max_length)
+    if a.kronfluence:
+        res = kronfluence_compare(a.n_train, a.n_queries, a.max_length, a.strategy, a.dtype, a.threads)
+    elif a.cli:
+        res = cli_run(a.n_candidates, a.n_gsm8k, a.n_mmlu, a.max_length, a.max_examples, a.query_rank, a.strategy)
+    else:
+        res = quick() if a.quick else full(a.n_candidates, a.n_targets, a.modules, a.query_rank, a.max_length)
     res.update({"bench": "ekfac", "command": " ".join(["benchmarks/bench_ekfac.py", *sys.argv[1:]]),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     line = json.dumps(res, default=float)

@@ -282,7 +282,7 @@ def _attach_optional_commands() -> None:
     """Verbs that live with their feature (judge server, report) register here when present."""
     import importlib
 
-    for module in ("curate.curation.cli", "curate.influence.cli", "curate.preference.cli", "curate.selectors.critiq.cli", "curate.report.cli"):
+    for module in ("curate.curation.cli", "curate.features.cli", "curate.influence.cli", "curate.preference.cli", "curate.selectors.critiq.cli", "curate.report.cli"):
         try:
             mod = importlib.import_module(module)
         except ImportError:  # an optional part whose dependencies are not installed

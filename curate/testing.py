@@ -85,7 +85,17 @@ def check_selector(cls: type, params: dict[str, Any] | None = None, *, n: int = 
     finite scores on kept rows and no NaN anywhere; non-empty reasons; same seed gives identical
     frames; shuffling the rows gives the same selection; a budget above the pool warns and keeps
     every row. Raises AssertionError naming the broken property.
+
+    ``params`` are the constructor arguments to use. When None and the class has a classmethod
+    ``contract_params(folder: Path, table: pl.DataFrame) -> dict``, that hook supplies them (it may
+    write files, e.g. judged pairs, into ``folder``; ``table`` is the toy pool the checks use).
     """
+    if params is None and hasattr(cls, "contract_params"):
+        import tempfile
+        from pathlib import Path
+
+        folder = Path(tempfile.mkdtemp(prefix=f"check_{getattr(cls, 'name', 'selector')}_"))
+        params = cls.contract_params(folder, toy_table(n, seed))
     params = dict(params or {})
     owner_prefix = "The '"
     # ---- parameter validation

@@ -387,12 +387,15 @@ class Embed:
         model: ``default``, a local sentence-transformers folder, or ``hashing[:dim]`` (tests).
         batch_size: rows per forward pass.
         device: ``auto`` (the run's device), ``cpu`` or ``cuda``.
+        targets: also embed the recipe's target rows (when it has ``targets``) into
+            ``embed/<field>/targets``, the target role of TAROT / DEITA-style selectors.
     """
 
     field: str = "prompt+response"
     model: str = DEFAULT_MODEL
     batch_size: int = 64
     device: str = "auto"
+    targets: bool = True
 
     def __post_init__(self) -> None:
         if self.field not in TEXT_FIELDS:
@@ -413,6 +416,14 @@ class Embed:
             raise ParameterError(f"step 'embed': {exc}") from exc
         ctx.stats["embed"] = {"name": fs.name, "dim": fs.dim, "model": fs.meta["model"],
                               "n_computed": fs.meta["n_computed"], "n_rows": len(fs)}
+        if self.targets and ctx.targets is not None and ctx.targets.height:
+            name = f"{fs.name}/targets"
+            key = cache_key(ctx.targets["uid"].to_list(), {"model": fs.meta["model"], "field": self.field})
+            if ctx.features.get(name, key=key) is None:
+                tfs = embed_table(ctx.targets, self.field, model=self.model, store=None, batch_size=self.batch_size,
+                                  device=device, progress=ctx.progress)
+                ctx.features.put(FeatureSet(name, tfs.uids, np.asarray(tfs.values), {**tfs.meta, "cache_key": key}))
+            ctx.stats["embed"]["targets"] = {"name": name, "n_rows": ctx.targets.height}
         return pl.DataFrame({"uid": table["uid"], "keep": [True] * table.height, "reason": [""] * table.height},
                             schema={"uid": pl.Utf8, "keep": pl.Boolean, "reason": pl.Utf8})
 

@@ -21,9 +21,15 @@ _EXPORTS = {
     "self_scores": "curate.influence.scores",
     "tfidf_topk": "curate.influence.tfidf",
     "select_modules": "curate.influence._capture",
+    "fit_table": "curate.influence.api",
+    "score_tables": "curate.influence.api",
+    "save_scores": "curate.influence.api",
+    "InfluenceScoresStep": "curate.influence.steps",
 }
 
 __all__ = sorted(_EXPORTS)
+
+from curate.influence import steps as _steps  # noqa: E402,F401 - registers the recipe steps (no torch import)
 
 
 def __getattr__(name: str) -> Any:

@@ -128,6 +128,7 @@ class Curvature:
         self.n_tokens: float = 0.0
         self.n_seq: int = 0
         self.fitted = False
+        self.extra: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ arguments
     def arguments(self) -> dict[str, Any]:
@@ -339,8 +340,14 @@ class Curvature:
             raise RuntimeError("Curvature is not fitted: call fit(model, task, examples) or load(folder) first.")
 
     # ------------------------------------------------------------------ persistence
-    def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write ``factors.pt`` and ``arguments.json`` atomically (temp folder, then rename)."""
+    def save(self, folder: str | os.PathLike[str], *, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write ``factors.pt`` and ``arguments.json`` atomically (temp folder, then rename).
+
+        Args:
+            folder: destination folder (replaced as a whole).
+            extra: JSON-able facts saved beside the arguments (e.g. the model path and a weight
+                fingerprint, used to refuse scoring with another model); read back as ``self.extra``.
+        """
         self._check_fitted()
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -349,7 +356,8 @@ class Curvature:
             tensors = {f"{n}::{k}": v.cpu() for n, f in self.factors.items() for k, v in f.tensors().items()}
             torch.save(tensors, tmp / "factors.pt")
             info = {"arguments": self.arguments(), "names": self.names, "dims": self.dims,
-                    "n_seq": self.n_seq, "n_tokens": self.n_tokens}
+                    "n_seq": self.n_seq, "n_tokens": self.n_tokens,
+                    "extra": dict(extra if extra is not None else self.extra)}
             (tmp / "arguments.json").write_text(json.dumps(info, indent=2, sort_keys=True))
             if folder.exists():
                 shutil.rmtree(folder)
@@ -381,6 +389,7 @@ class Curvature:
             n, k = key.split("::")
             setattr(self.factors[n], k, v)
         self.n_seq, self.n_tokens, self.fitted = int(info["n_seq"]), float(info["n_tokens"]), True
+        self.extra = dict(info.get("extra", {}))
         return self
 
     @classmethod

@@ -148,6 +148,7 @@ def pairwise_scores(
     per_token: bool = False,
     normalize: str = "none",
     candidates: Sequence[Sequence[int]] | None = None,
+    query_batch_size: int | None = None,
 ) -> ScoreMatrix:
     """Influence of every training row on every query, s(q, n) (§8).
 
@@ -165,6 +166,9 @@ def pairwise_scores(
         candidates: per query, the training indices to score (e.g. from
             :func:`curate.influence.tfidf.tfidf_topk`); other pairs are NaN with reason
             ``not_in_tfidf_topk``. The union is scored once.
+        query_batch_size: precondition this many queries at a time (None = all at once). With
+            ``query_rank`` only the rank-r factors are kept per chunk, so memory is about
+            Q·r·(d_out+d_in+1) per module instead of Q·d_out·(d_in+1); scores do not depend on it.
     """
     if normalize not in NORMALIZE:
         raise param_error("pairwise_scores", "normalize", f"one of {NORMALIZE}", normalize)
@@ -172,6 +176,8 @@ def pairwise_scores(
         raise param_error("pairwise_scores", "query_rank", "an integer >= 1 or None", query_rank)
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise param_error("pairwise_scores", "batch_size", "an integer >= 1", batch_size)
+    if query_batch_size is not None and not (isinstance(query_batch_size, int) and query_batch_size >= 1):
+        raise param_error("pairwise_scores", "query_batch_size", "an integer >= 1 or None", query_batch_size)
     queries, train = list(queries), list(train)
     qu = list(query_uids) if query_uids is not None else [f"q{i}" for i in range(len(queries))]
     tu = list(train_uids) if train_uids is not None else [f"t{i}" for i in range(len(train))]
@@ -179,6 +185,9 @@ def pairwise_scores(
         raise SchemaError("uids do not match the examples.", field="uids",
                           expected=f"{len(queries)} query and {len(train)} train uids", found=(len(qu), len(tu)))
     m, n_all = len(queries), len(train)
+    if m == 0 or n_all == 0:
+        raise SchemaError("nothing to score.", field="queries" if m == 0 else "train",
+                          expected="at least one query and one training row", found=(m, n_all))
     keep_cols = np.arange(n_all)
     mask_pairs = None
     if candidates is not None:
@@ -190,16 +199,27 @@ def pairwise_scores(
             mask_pairs[i, np.asarray(c, dtype=np.int64)] = True
         keep_cols = np.flatnonzero(mask_pairs.any(0))
 
-    pq = precondition_examples(curv, model, task, queries, batch_size=batch_size, damping=damping)
     names = curv.names
-    factors = None
-    if query_rank is not None:
-        factors = {}
+    qbs = query_batch_size if query_batch_size is not None else max(m, 1)
+    pq_parts: dict[str, list[Any]] = {nm: [] for nm in names}
+    fac_parts: dict[str, list[tuple[Any, Any]]] = {nm: [] for nm in names}
+    q_norm_parts: list[Any] = []
+    for s0 in range(0, m, qbs):
+        # precondition and compress one chunk of queries at a time (§9 query batching): with a rank
+        # only the rank-r factors of every chunk are kept, then one pass over the training rows
+        p = precondition_examples(curv, model, task, queries[s0 : s0 + qbs], batch_size=batch_size, damping=damping)
+        if normalize == "cosine":
+            q_norm_parts.append(sum((p[nm] ** 2).sum((1, 2)) for nm in names))
         for nm in names:
-            o, i = pq[nm].shape[1:]
-            if query_rank < min(o, i):
-                factors[nm] = low_rank(pq[nm], query_rank, svd)
-    q_norm2 = sum((pq[nm] ** 2).sum((1, 2)) for nm in names) if normalize == "cosine" else None
+            o, i = p[nm].shape[1:]
+            if query_rank is not None and query_rank < min(o, i):
+                fac_parts[nm].append(low_rank(p[nm], query_rank, svd))
+            else:
+                pq_parts[nm].append(p[nm])
+        del p
+    pq = {nm: torch.cat(v) for nm, v in pq_parts.items() if v}
+    factors = {nm: (torch.cat([u for u, _ in v]), torch.cat([w for _, w in v])) for nm, v in fac_parts.items() if v}
+    q_norm2 = torch.cat(q_norm_parts) if normalize == "cosine" else None
 
     sub = [train[j] for j in keep_cols]
     mod_scores: dict[str, list[Any]] = {nm: [] for nm in names}
@@ -215,8 +235,8 @@ def pairwise_scores(
             norm_total = 0
             for nm in names:
                 calls = tr.calls(nm, mask)
-                if per_token or (factors and nm in factors):
-                    s_tok = _token_scores(pq[nm], factors.get(nm) if factors else None, calls)
+                if per_token or nm in factors:
+                    s_tok = _token_scores(pq.get(nm), factors.get(nm), calls)
                     mod_scores[nm].append(s_tok.sum(-1))
                     if per_token:
                         tok_total = s_tok if tok_total is None else tok_total + s_tok
@@ -273,6 +293,7 @@ def pairwise_scores(
             tok_arr[~mask_pairs] = np.nan
     meta = {"strategy": curv.strategy, "damping": {nm: curv.damping_of(nm, damping) for nm in names},
             "normalize": normalize, "query_rank": query_rank, "svd": svd, "modules": names,
+            "query_batch_size": query_batch_size,
             "sign": "positive = the candidate lowers the target loss"}
     return ScoreMatrix(values, qu, tu, mods_full, tok_arr, reasons, meta)
 

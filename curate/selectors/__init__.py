@@ -33,6 +33,7 @@ for _cls in (RandomSelector, TopKSelector, KCenterSelector, DeitaSelector, DSIRS
     register_selector(_cls)
 
 from curate.selectors import ches as _ches  # noqa: E402,F401  (registers CHES; imports torch lazily)
+from curate.selectors import quad as _quad  # noqa: E402,F401  (registers Quad; imports torch/faiss lazily)
 
 
 def get_selector(name: str) -> type[BaseSelector]:
@@ -43,6 +44,15 @@ def get_selector(name: str) -> type[BaseSelector]:
         raise RecipeError(f"unknown selector '{name}'. Known selectors: {', '.join(sorted(SELECTORS))}.")
     return SELECTORS[name]
 
+
+# Selectors written in their own modules register themselves on import; import them here so that
+# SELECTORS is complete whenever the package is imported (a module not written yet is skipped).
+for _mod in ("quad", "ches", "critiq"):
+    try:
+        __import__(f"curate.selectors.{_mod}")
+    except ModuleNotFoundError as _exc:
+        if _exc.name != f"curate.selectors.{_mod}":
+            raise
 
 __all__ = [
     "SELECTORS", "BaseSelector", "BidsSelector", "Budget", "DSIRSelector", "DeitaSelector", "KCenterSelector",

@@ -250,7 +250,10 @@ def response_stats(model: Any, seqs: Sequence[SideIds], *, batch_size: int = 8, 
                     ids[b, t_max - len(row):] = torch.tensor(row)
                     mask[b, t_max - len(row):] = 1
             pos = (mask.cumsum(1) - 1).clamp(min=0)
-            kwargs: dict[str, Any] = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "position_ids": pos.to(dev)}
+            attn: Any = mask
+            if padding == "left":
+                attn = _left_pad_mask(mask, model.dtype)
+            kwargs: dict[str, Any] = {"input_ids": ids.to(dev), "attention_mask": attn.to(dev), "position_ids": pos.to(dev)}
             keep = max(rlen) + 1
             if padding == "left":
                 kwargs["logits_to_keep"] = keep
@@ -285,21 +288,44 @@ def response_stats(model: Any, seqs: Sequence[SideIds], *, batch_size: int = 8, 
     return ResponseStats(sums, counts, logps)
 
 
+def _left_pad_mask(mask: Any, dtype: Any) -> Any:
+    """Additive 4-D causal mask (B, 1, T, T) for a left-padded batch.
+
+    Pad queries may attend to themselves: with a plain 2-D mask their attention row is fully masked,
+    which gives NaN states in some attention implementations, and NaN values times a zero attention
+    weight poison the real rows.
+    """
+    torch = require("torch", "CHES")
+    t = mask.shape[1]
+    allowed = torch.tril(torch.ones(t, t, dtype=torch.bool))[None] & mask[:, None, :].bool()
+    allowed = allowed | torch.eye(t, dtype=torch.bool)[None]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 def pair_states(model: Any, pairs: Sequence[tuple[SideIds, SideIds]], *, batch_size: int = 8,
                 padding: str = "left", pad_token_id: int | None = None, progress: bool = False) -> np.ndarray:
     """The ``ches/states`` layout (n, 2, d + 2) for ``pairs`` (see the module docstring)."""
     seqs = [s for pair in pairs for s in pair]
+    # identical (prompt, response) sequences are computed once, so identical responses give exactly 0
+    first: dict[tuple[int, tuple[int, ...]], int] = {}
+    src = np.zeros(len(seqs), dtype=np.int64)
+    uniq: list[SideIds] = []
+    for i, s in enumerate(seqs):
+        key = (len(s.prompt), tuple(s.prompt) + tuple(s.response))
+        if key not in first:
+            first[key] = len(uniq)
+            uniq.append(s)
+        src[i] = first[key]
     # sort by length so batches pad little; results are placed back by index (order-independent)
-    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].prompt) + len(seqs[i].response), i))
-    st = response_stats(model, [seqs[i] for i in order], batch_size=batch_size, padding=padding,
+    order = sorted(range(len(uniq)), key=lambda i: (len(uniq[i].prompt) + len(uniq[i].response), i))
+    st = response_stats(model, [uniq[i] for i in order], batch_size=batch_size, padding=padding,
                         pad_token_id=pad_token_id, progress=progress)
-    n = len(pairs)
-    out = np.zeros((2 * n, st.sums.shape[1] + 2), dtype=np.float64)
-    inv = np.asarray(order)
-    out[inv, 0] = st.counts
-    out[inv, 1] = st.logps
-    out[inv, 2:] = st.sums
-    return out.reshape(n, 2, -1)
+    u = np.zeros((len(uniq), st.sums.shape[1] + 2), dtype=np.float64)
+    inv = np.asarray(order, dtype=np.int64)
+    u[inv, 0] = st.counts
+    u[inv, 1] = st.logps
+    u[inv, 2:] = st.sums
+    return u[src].reshape(len(pairs), 2, -1)
 
 
 def ches_features(

@@ -15,8 +15,8 @@ from curate.selectors.critiq.fakes import (
     synthetic_pairs,
 )
 from curate.selectors.critiq.flow import (
-    CritiQFlow,
     Criterion,
+    CritiQFlow,
     FlowConfig,
     Pair,
     criterion_accuracy,
@@ -197,7 +197,8 @@ def test_flow_in_process_matches_http(http_run, task) -> None:
     m = JudgeSession(BackendJudge(ScriptedManager(), "manager"))
     a = CritiQFlow(w, m, FlowConfig(n_criteria=6, epochs=2), kb=KB).run(task)
     assert a.criteria_json() == http_run[0].criteria_json()
-    from curate.selectors.critiq.flow import judge_pairs, swap_pairs as sw
+    from curate.selectors.critiq.flow import judge_pairs
+    from curate.selectors.critiq.flow import swap_pairs as sw
 
     pairs = sw(task, 0)
     res = judge_pairs(w, a.criteria, pairs)

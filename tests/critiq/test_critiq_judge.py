@@ -82,16 +82,14 @@ def test_persistent_errors_and_timeouts_give_clear_error() -> None:
     with LocalServer({"m": be2}) as srv:
         assert _judge(srv.url, timeout_s=0.3).chat(MSG, temperature=0, max_tokens=8, seed=0) == GOOD
         be3 = Scripted(["sleep"] * 3)
-    with LocalServer({"m": be3}) as srv:
-        with pytest.raises(JudgeError, match="timeout"):
-            _judge(srv.url, timeout_s=0.2, max_tries=2).chat(MSG, temperature=0, max_tokens=8, seed=0)
+    with LocalServer({"m": be3}) as srv, pytest.raises(JudgeError, match="timeout"):
+        _judge(srv.url, timeout_s=0.2, max_tries=2).chat(MSG, temperature=0, max_tokens=8, seed=0)
 
 
 def test_client_error_not_retried() -> None:
     be = Scripted([400])
-    with LocalServer({"m": be}) as srv:
-        with pytest.raises(JudgeError, match="HTTP 400"):
-            _judge(srv.url).chat(MSG, temperature=0, max_tokens=8, seed=0)
+    with LocalServer({"m": be}) as srv, pytest.raises(JudgeError, match="HTTP 400"):
+        _judge(srv.url).chat(MSG, temperature=0, max_tokens=8, seed=0)
     assert be.calls == 1
 
 

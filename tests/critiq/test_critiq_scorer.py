@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 
 from curate.selectors.critiq.annotate import annotate_pairs, make_pairs
 from curate.selectors.critiq.fakes import BackendJudge, RuleJudge, has_docstring, has_type_hints, synthetic_functions
-from curate.selectors.critiq.flow import Criterion
+from curate.selectors.critiq.flow import Criterion, Pair
 from curate.selectors.critiq.judge import JudgeSession
 from curate.selectors.critiq.scorer import (
     CritiqSelector,
@@ -48,8 +48,11 @@ def test_make_pairs_length_buckets_deterministic() -> None:
 def test_annotation_and_scorer_recover_hidden_ranking() -> None:
     texts, quality = synthetic_functions(1000, seed=2)
     uids = [f"r{i:04d}" for i in range(len(texts))]
-    pairs = make_pairs(uids, texts, n_pairs=400, seed=0)
-    assert len(pairs) == 400
+    # uniform random pairs: on this synthetic task length buckets would hold rows with the same hidden
+    # features (a docstring adds length), leaving almost nothing to learn from
+    rng = np.random.default_rng(0)
+    idx = [rng.choice(len(texts), 2, replace=False) for _ in range(400)]
+    pairs = [Pair(uids[i], uids[j], texts[i], texts[j], "A") for i, j in idx]
     worker = JudgeSession(BackendJudge(RuleJudge(), "rule"))
     crits = [Criterion("documented", "Prefer the function with a docstring."),
              Criterion("typed", "Prefer the function with type hint annotations."),
@@ -64,8 +67,22 @@ def test_annotation_and_scorer_recover_hidden_ranking() -> None:
     score = fit_bradley_terry(emb, w, lo)(emb)
     rho = spearmanr(score, quality).statistic
     assert rho > 0.8
-    mlp = fit_bradley_terry(emb, w, lo, scorer="embedding_mlp", seed=0)(emb)
-    assert spearmanr(mlp, quality).statistic > 0.8
+    if _RUN_MLP:
+        mlp = fit_bradley_terry(emb, w, lo, scorer="embedding_mlp", seed=0)(emb)
+        assert spearmanr(mlp, quality).statistic > 0.8
+
+
+_RUN_MLP = False
+
+
+@pytest.mark.slow
+def test_mlp_scorer_recovers_hidden_ranking() -> None:
+    global _RUN_MLP
+    _RUN_MLP = True
+    try:
+        test_annotation_and_scorer_recover_hidden_ranking()
+    finally:
+        _RUN_MLP = False
 
 
 def test_gumbel_topk_limits() -> None:
