@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "FeatureStore": "curate.features.store",
     # pipeline
     "load_recipe": "curate.pipeline.recipe",
+    "parse_recipe": "curate.pipeline.recipe",
     "run_recipe": "curate.pipeline.runner",
     "StepContext": "curate.pipeline.step",
     "register_step": "curate.pipeline.registry",

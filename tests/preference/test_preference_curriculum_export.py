@@ -176,7 +176,10 @@ def test_cli_ches_diagnose_and_bad_input(tmp_path, tiny_model_dir):
     assert d.filter(~pl.col("diagnose__keep"))["diagnose__reason"].to_list() == ["no_response_tokens"]
     # curriculum by margin, then export in TRL shape keeps the order
     cpath = tmp_path / "curr.parquet"
-    assert main(["curriculum", str(dout / "diagnostics.parquet"), "-o", str(cpath), "--by", "margin"]) == 0
+    kept = tmp_path / "kept.parquet"
+    d.filter(pl.col("diagnose__keep")).write_parquet(kept)
+    assert main(["curriculum", str(dout / "diagnostics.parquet"), "-o", str(cpath), "--by", "margin"]) == 2  # nulls
+    assert main(["curriculum", str(kept), "-o", str(cpath), "--by", "margin"]) == 0
     c = pl.read_parquet(cpath)
     assert (np.diff(c["curry__key"].to_numpy()) <= 0).all()
     epath = tmp_path / "train.jsonl"
