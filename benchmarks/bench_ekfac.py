@@ -4,16 +4,28 @@
 block-diagonal Fisher (Pearson) and wall time relative to the identity baseline in the same process.
 Default: SmolLM2-135M MLP layers on real Alpaca rows against GSM8K targets on CPU.
 
-Appends one JSON line to benchmarks/results.jsonl.
+--cli: the issue's done-when run, ``curate influence fit`` + ``score`` through the CLI on SmolLM2
+(MLP layers) for real Alpaca rows against GSM8K + MMLU targets.
+--kronfluence: side by side with kronfluence 1.0.1 (same model, data, strategy, Fisher, damping).
+kronfluence is not a project dependency; run this mode with a throwaway venv that sees our one::
+
+    python3 -m venv /tmp/kfenv
+    echo /work/main/.venv/lib/python3.11/site-packages > /tmp/kfenv/lib/python3.11/site-packages/main.pth
+    /tmp/kfenv/bin/pip install --no-deps kronfluence==1.0.1 einops einconv opt-einsum   # never torchvision
+    PYTHONPATH=. /tmp/kfenv/bin/python benchmarks/bench_ekfac.py --kronfluence
+
+Appends one JSON line to benchmarks/results.jsonl (``_common.record``).
 
     .venv/bin/python benchmarks/bench_ekfac.py --quick
     .venv/bin/python benchmarks/bench_ekfac.py --n-candidates 1000 --n-targets 100
+    .venv/bin/python benchmarks/bench_ekfac.py --cli --n-candidates 200 --max-examples 100 --max-length 96
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -108,7 +120,7 @@ def full(n_candidates: int, n_targets: int, modules: str, query_rank: int | None
 
 
 def cli_run(n_candidates: int, n_gsm8k: int, n_mmlu: int, max_length: int, max_examples: int,
-            query_rank: int | None, strategy: str) -> dict:
+            query_rank: int | None, strategy: str, modules: str = "mlp") -> dict:
     """The issue's done-when run: ``curate influence fit`` + ``score`` on SmolLM2 (MLP layers) for
     real Alpaca rows against GSM8K and MMLU targets on CPU, through ``curate.cli.main``."""
     import tempfile
@@ -120,7 +132,8 @@ def cli_run(n_candidates: int, n_gsm8k: int, n_mmlu: int, max_length: int, max_e
     from curate.io import read_sources
     from curate.io.writers import write_parquet
 
-    torch.set_num_threads(2)
+    threads = int(os.environ.get("BENCH_THREADS", "2"))
+    torch.set_num_threads(threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_ekfac_"))
     pool = read_sources([str(DATA / "alpaca" / "alpaca_5000.json")]).table.head(n_candidates)
     gsm = read_sources([str(DATA / "gsm8k" / "test.jsonl")], kind="target").table.head(n_gsm8k)
@@ -130,12 +143,16 @@ def cli_run(n_candidates: int, n_gsm8k: int, n_mmlu: int, max_length: int, max_e
     tgt = pl.concat([gsm, mmlu], how="vertical_relaxed")
     write_parquet(pool, tmp / "pool.parquet")
     write_parquet(tgt, tmp / "targets.parquet")
-    res: dict = {"mode": "cli", "model": "SmolLM2-135M-Instruct", "modules": "mlp (30 x gate/up/down_proj)",
+    if modules.startswith("last"):  # e.g. "last8": the MLPs of the last 8 of SmolLM2's 30 layers
+        k = int(modules[4:])
+        modules = ",".join(f"model.layers.{i}.mlp.{p}" for i in range(30 - k, 30) for p in ("gate_proj", "up_proj", "down_proj"))
+    res: dict = {"mode": "cli", "model": "SmolLM2-135M-Instruct", "modules": modules if modules == "mlp" else
+                 f"{modules.count(',') + 1} MLP projections",
                  "strategy": strategy, "n_candidates": pool.height, "n_targets": tgt.height,
                  "targets": {"gsm8k": gsm.height, "mmlu": mmlu.height}, "max_length": max_length,
-                 "max_examples": max_examples, "query_rank": query_rank, "threads": 2}
+                 "max_examples": max_examples, "query_rank": query_rank, "threads": threads}
     fit_args = ["influence", "fit", str(tmp / "pool.parquet"), "-o", str(tmp / "factors"), "--strategy", strategy,
-                "--max-examples", str(max_examples), "--max-length", str(max_length), "--json"]
+                "--max-examples", str(max_examples), "--max-length", str(max_length), "--modules", modules, "--json"]
     t0 = time.perf_counter()
     rc = cli_main(fit_args)
     res["fit_s"], res["fit_rc"], res["rss_after_fit_mb"] = time.perf_counter() - t0, rc, _rss_mb()
@@ -287,15 +304,15 @@ def main() -> None:
     if a.kronfluence:
         res = kronfluence_compare(a.n_train, a.n_queries, a.max_length, a.strategy, a.dtype, a.threads)
     elif a.cli:
-        res = cli_run(a.n_candidates, a.n_gsm8k, a.n_mmlu, a.max_length, a.max_examples, a.query_rank, a.strategy)
+        res = cli_run(a.n_candidates, a.n_gsm8k, a.n_mmlu, a.max_length, a.max_examples, a.query_rank, a.strategy,
+                      a.modules)
     else:
         res = quick() if a.quick else full(a.n_candidates, a.n_targets, a.modules, a.query_rank, a.max_length)
-    res.update({"bench": "ekfac", "command": " ".join(["benchmarks/bench_ekfac.py", *sys.argv[1:]]),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    line = json.dumps(res, default=float)
-    with open(ROOT / "benchmarks" / "results.jsonl", "a") as f:
-        f.write(line + "\n")
-    print(line)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import record
+
+    params = {k: v for k, v in vars(a).items()}
+    record("ekfac", params, res)
 
 
 if __name__ == "__main__":

@@ -214,6 +214,50 @@ def _print_funnel(manifest: dict[str, Any]) -> None:
     click.echo(f"curated {rows['curated']} of {rows['input']} rows; rejected {rows['rejected']}")
 
 
+# --------------------------------------------------------------------------- select
+@cli.command()
+@click.argument("name")
+@click.argument("input_path", metavar="IN.parquet", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--budget", required=True, help="0.1 (fraction), 500 (rows) or tokens:2e6.")
+@click.option("--features", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A feature-set folder (or a feature store) for the pool roles.")
+@click.option("--target-features", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A feature-set folder (or store) for the target roles.")
+@click.option("--target", type=click.Path(exists=True, dir_okay=False), default=None, help="Target table (parquet).")
+@click.option("--scores", type=click.Path(exists=True, file_okay=False), default=None,
+              help="An influence score matrix folder (curate influence score).")
+@click.option("--factors", type=click.Path(exists=True, file_okay=False), default=None,
+              help="EK-FAC factors folder (curate influence fit), for selectors with a 'factors' parameter (quad).")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A selector parameter (repeatable).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@json_option
+def select(name: str, input_path: str, out_dir: str, budget: str, features: str | None, target_features: str | None,
+           target: str | None, scores: str | None, factors: str | None, params: tuple[str, ...], seed: int,
+           as_json: bool) -> None:
+    """Run selector NAME on IN.parquet: curated, rejected and selection parquet plus a manifest in OUT_DIR."""
+    import dataclasses
+
+    from curate.selectors import get_selector
+    from curate.selectors.run import parse_params, select_files
+
+    values = parse_params(list(params))
+    if factors is not None:
+        cls = get_selector(name)
+        if "factors" not in {f.name for f in dataclasses.fields(cls)}:
+            raise RecipeError(f"--factors: selector '{name}' takes no EK-FAC factors.")
+        values.setdefault("factors", factors)
+    res, manifest = select_files(name, input_path, out_dir, budget=budget, features=features,
+                                 target_features=target_features, target=target, scores=scores, params=values, seed=seed)
+    summary = {"command": "select", "selector": name, "output": out_dir, "rows": manifest["n_rows"],
+               "kept": manifest["n_kept"], "budget": manifest["budget"]}
+
+    def human() -> None:
+        click.echo(f"{name}: kept {manifest['n_kept']} of {manifest['n_rows']} rows -> {out_dir}")
+
+    _emit(as_json, summary, human)
+
+
 # --------------------------------------------------------------------------- list
 @cli.command(name="list")
 @click.argument("what", required=False, type=click.Choice(["steps", "formats", "selectors"]))

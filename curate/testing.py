@@ -37,11 +37,12 @@ def toy_table(n: int, seed: int = 0, *, prefix: str = "row") -> pl.DataFrame:
 
 
 def toy_targets(m: int, seed: int = 1, tasks: tuple[str, ...] = ("math", "code", "qa")) -> pl.DataFrame:
-    """``m`` target rows with task labels cycling over ``tasks``."""
+    """``m`` target rows with task labels cycling over ``tasks`` and a short reference answer."""
     rng = np.random.default_rng(seed)
     recs = [
         make_record("target", task=tasks[i % len(tasks)],
-                    messages=[{"role": "user", "content": f"target {i}: " + " ".join(rng.choice(_WORDS, size=6))}])
+                    messages=[{"role": "user", "content": f"target {i}: " + " ".join(rng.choice(_WORDS, size=6))}],
+                    answer=" ".join(rng.choice(_WORDS, size=4)))
         for i in range(m)
     ]
     return to_frame(recs)

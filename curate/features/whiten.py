@@ -14,11 +14,14 @@ covariance are accumulated in float64 row chunks, so memory is d² plus one chun
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
+import polars as pl
 
 from curate.errors import SchemaError, param_error
+from curate.pipeline.registry import register_step
 
 RIDGE_MODES = ("relative", "absolute")
 METHODS = ("cholesky", "zca")
@@ -167,3 +170,112 @@ def whiten_feature_sets(pool: Any, targets: Any, *, ridge: float = 1e-3, ridge_m
                  "source_features": [pool.name, targets.name]})
     return (FeatureSet(name, pool.uids, zd.astype(np.float32), dict(meta)),
             FeatureSet(f"{name}/targets", targets.uids, zq.astype(np.float32), dict(meta)))
+
+
+# ------------------------------------------------------------------------------------ the step
+def _matrix(fs: Any) -> np.ndarray:
+    """(n, d) values of a feature set; (n, C, d) checkpoint stacks become Φ̃ = [√w₁Φ₁ | … | √w_CΦ_C]
+    with the set's ``lr_weights`` (spec §7), so whitening sees the weighted combination."""
+    values = np.asarray(fs.values)
+    if values.ndim == 3:
+        from curate.features.gradients import stack_checkpoints
+
+        weights = fs.meta.get("lr_weights") or [1.0] * values.shape[1]
+        return stack_checkpoints([values[:, c] for c in range(values.shape[1])], weights)
+    return values
+
+
+def whiten_sets(pool: Any, targets: Any, *, ridge: float = 1e-3, ridge_mode: str = "relative",
+                name: str = "grad/whitened", target_name: str | None = None) -> tuple[Any, Any, np.ndarray]:
+    """Whiten a pool and a target :class:`~curate.features.store.FeatureSet` together (TAROT, spec §9).
+
+    Unlike :func:`whiten_feature_sets`, all-zero pool or target rows (``no_response_tokens`` /
+    ``zero_gradient`` rows of gradient features) are left out of the mean and covariance and stay
+    zero in the output, so they cannot pull the centring; (N, C, d) checkpoint stacks are combined
+    with their learning-rate weights first.
+
+    Returns:
+        (pool set ``name``, target set ``target_name`` (default ``name + '/targets'``), mask of the
+        pool rows left out).
+
+    Raises:
+        SchemaError: NaN/inf values, widths that differ, layouts or projectors that differ.
+    """
+    from curate.features.gradients import check_compatible
+    from curate.features.store import FeatureSet
+
+    check_compatible(pool.meta, targets.meta)
+    phi, psi = _check(pool.name, _matrix(pool)), _check(targets.name, _matrix(targets))
+    zero_d = ~np.any(phi != 0, axis=1)
+    zero_q = ~np.any(psi != 0, axis=1)
+    if (~zero_d).sum() + (~zero_q).sum() < 2:
+        raise SchemaError("whitening needs at least two non-zero feature rows.", field=pool.name,
+                          expected=">= 2 non-zero rows", found=int((~zero_d).sum() + (~zero_q).sum()))
+    zd = np.zeros(phi.shape)
+    zq = np.zeros(psi.shape)
+    zd[~zero_d], zq[~zero_q] = whiten(phi[~zero_d], psi[~zero_q], ridge=ridge, ridge_mode=ridge_mode)
+    drop = ("cache_key", "reasons", "losses")
+    extra = {"whitened": True, "ridge": ridge, "ridge_mode": ridge_mode, "normalized": True,
+             "source_features": [pool.name, targets.name], "n_zero_rows": int(zero_d.sum() + zero_q.sum()),
+             "dim": int(phi.shape[1])}
+    meta = {**{k: v for k, v in pool.meta.items() if k not in drop}, **extra}
+    tmeta = {**{k: v for k, v in targets.meta.items() if k not in drop}, **extra}
+    return (FeatureSet(name, pool.uids, zd.astype(np.float32), meta),
+            FeatureSet(target_name or f"{name}/targets", targets.uids, zq.astype(np.float32), tmeta), zero_d)
+
+
+@register_step("whiten")
+@dataclass(frozen=True, kw_only=True)
+class WhitenStep:
+    """TAROT whitening of a pool and a target feature set into ``output`` and ``output/targets``.
+
+    Feng et al., TAROT (ICML 2025, arXiv 2412.00420), specs/gradient-features.md §9. Reads
+    ``pool`` (aligned to this step's rows) and ``target`` from the run's feature store, whitens them
+    jointly (relative ridge; all-zero rows left out, see :func:`whiten_sets`) and stores the
+    whitened, row-normalised sets. Keeps every row; rows whose pool feature is zero get the
+    reason-free extra column ``whiten_zero`` = True.
+    """
+
+    name: ClassVar[str] = "whiten"
+    pool: str = "grad/sgd"
+    target: str = "grad/sgd/targets"
+    output: str = "grad/whitened"
+    ridge: float = 1e-3
+    ridge_mode: str = "relative"
+
+    def __post_init__(self) -> None:
+        for pname in ("pool", "target", "output"):
+            value = getattr(self, pname)
+            if not isinstance(value, str) or not value:
+                raise param_error("whiten", pname, "a feature name", value)
+        r = self.ridge
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not np.isfinite(r) or r < 0:
+            raise param_error("whiten", "ridge", "a finite number >= 0", r)
+        if self.ridge_mode not in RIDGE_MODES:
+            raise param_error("whiten", "ridge_mode", f"one of {RIDGE_MODES}", self.ridge_mode)
+
+    def apply(self, table: pl.DataFrame, ctx: Any) -> pl.DataFrame:
+        from curate.features.store import cache_key
+
+        uids = table["uid"].to_list()
+        pool = ctx.features[self.pool].subset(uids)
+        target = ctx.features[self.target]
+        key = cache_key(uids + list(target.uids), {
+            "pool_key": pool.meta.get("cache_key"), "target_key": target.meta.get("cache_key"),
+            "pool": self.pool, "target": self.target, "ridge": self.ridge, "ridge_mode": self.ridge_mode})
+        out_name, tname = self.output, f"{self.output}/targets"
+        cached = ctx.features.get(out_name, key)
+        if cached is not None and ctx.features.get(tname, key) is not None:
+            zero = ~np.any(np.asarray(cached.align(uids)) != 0, axis=1)
+        else:
+            wd, wq, zero = whiten_sets(pool, target, ridge=self.ridge, ridge_mode=self.ridge_mode,
+                                       name=out_name, target_name=tname)
+            wd.meta["cache_key"] = key
+            wq.meta["cache_key"] = key
+            ctx.features.put(wd)
+            ctx.features.put(wq)
+        ctx.stats["whiten"] = {"name": out_name, "targets": tname, "n_rows": len(uids),
+                               "n_targets": len(target), "n_zero_rows": int(zero.sum())}
+        return pl.DataFrame({"uid": uids, "keep": [True] * len(uids), "reason": [""] * len(uids),
+                             "whiten_zero": zero.tolist()},
+                            schema={"uid": pl.Utf8, "keep": pl.Boolean, "reason": pl.Utf8, "whiten_zero": pl.Boolean})

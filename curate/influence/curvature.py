@@ -233,13 +233,13 @@ class Curvature:
                 tr.backward(self._loss(model, task, batch, gen))
                 mask = task.token_mask(batch)
                 for n in self.names:
-                    gn = per_sequence_grads(tr.calls(n, mask))
+                    calls = tr.calls(n, mask)
                     if self.strategy == "diagonal":
+                        gn = per_sequence_grads(calls)
                         acc[n] = acc[n] + (gn.to(torch.float64) ** 2).sum(0)
                     else:
-                        f = self.factors[n]
-                        rot = f.s_eigvecs.T @ gn.to(torch.float64) @ f.a_eigvecs
-                        acc[n] = acc[n] + (rot**2).sum(0)
+                        rot = _rotated_grads(calls, self.factors[n], self.dtype)
+                        acc[n] = acc[n] + (rot.to(torch.float64) ** 2).sum(0)
         for n in self.names:
             v = acc[n] / len(examples)
             if not bool(torch.isfinite(v).all()):
@@ -398,8 +398,12 @@ class Curvature:
         path = Path(folder) / "arguments.json"
         if not path.exists():
             raise SchemaError("no fitted factors here.", file=str(folder), expected="arguments.json and factors.pt")
-        args = dict(json.loads(path.read_text())["arguments"])
-        args["dtype"] = getattr(torch, args["dtype"])
+        try:
+            args = dict(json.loads(path.read_text())["arguments"])
+            args["dtype"] = getattr(torch, args["dtype"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SchemaError(f"unreadable factors arguments ({type(exc).__name__}: {exc}).", file=str(path),
+                              expected="the arguments.json written by Curvature.save") from None
         args.update(overrides)
         return cls(**args).load(folder)
 
@@ -410,6 +414,25 @@ def per_sequence_grads(calls: Sequence[tuple[Any, Any, Any]]) -> Any:
     for a, g, m in calls:
         total = total + torch.einsum("bto,bti->boi", g * m[..., None], a)
     return total
+
+
+def _rotated_grads(calls: Sequence[tuple[Any, Any, Any]], f: LayerFactors, dtype: Any) -> Any:
+    """Q_Sᵀ G_n Q_A for every sequence of a batch, (B, d_out, d_in+1), in ``dtype``.
+
+    When T·(d_out² + d_in²) < d_out·d_in·(d_out + d_in) (short sequences, wide layers) the token
+    vectors are rotated first, Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ, which skips the two dense
+    d_out×d_out×d_in rotations of G_n (about 6× fewer flops on SmolLM2 MLPs at T = 96).
+    Otherwise G_n is formed and rotated. Both give the same matrix.
+    """
+    qs, qa = f.s_eigvecs.to(dtype), f.a_eigvecs.to(dtype)
+    o, i = qs.shape[0], qa.shape[0]
+    t = sum(a.shape[1] for a, _, _ in calls)
+    if t * (o * o + i * i) < o * i * (o + i):
+        total = 0
+        for a, g, m in calls:
+            total = total + torch.einsum("bto,bti->boi", (g * m[..., None]) @ qs, a @ qa)
+        return total
+    return qs.T @ per_sequence_grads(calls) @ qa
 
 
 def _check_damping(damping: Any) -> None:

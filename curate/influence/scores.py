@@ -11,6 +11,10 @@ Scores are computed from cached activations a and output gradients g of each tra
 without materialising per-example gradients when per-token scores or low-rank queries are asked
 for; otherwise G_n is formed per micro-batch (cheaper when T is large). Deviation from the spec:
 the low-rank path defaults to the exact SVD; ``svd="randomized"`` uses ``torch.svd_lowrank``.
+Training-row activations and gradients are processed in float32 for float32 models (float64 for
+float64 models), as kronfluence does by default; preconditioning and the accumulated per-pair
+scores are float64. Queries can be preconditioned in chunks (``query_batch_size``) and, with a
+rank, only their rank-r factors are kept, so many targets share one pass over the pool.
 """
 
 from __future__ import annotations
@@ -225,7 +229,7 @@ def pairwise_scores(
     mod_scores: dict[str, list[Any]] = {nm: [] for nm in names}
     tok_scores: list[Any] = []
     g_norm2: list[Any] = []
-    with Tracker(model, names, torch.float64) as tr:
+    with Tracker(model, names, _work_dtype(model)) as tr:
         for chunk in _batches(sub, batch_size):
             batch = task.collate(chunk)
             tr.reset()
@@ -237,18 +241,18 @@ def pairwise_scores(
                 calls = tr.calls(nm, mask)
                 if per_token or nm in factors:
                     s_tok = _token_scores(pq.get(nm), factors.get(nm), calls)
-                    mod_scores[nm].append(s_tok.sum(-1))
+                    mod_scores[nm].append(s_tok.sum(-1).double())
                     if per_token:
                         tok_total = s_tok if tok_total is None else tok_total + s_tok
                     if normalize == "cosine":
-                        norm_total = norm_total + (per_sequence_grads(calls) ** 2).sum((1, 2))
+                        norm_total = norm_total + (per_sequence_grads(calls).double() ** 2).sum((1, 2))
                 else:
                     gn = per_sequence_grads(calls)
-                    mod_scores[nm].append(torch.einsum("qoi,boi->qb", pq[nm].to(gn.device), gn))
+                    mod_scores[nm].append(torch.einsum("qoi,boi->qb", pq[nm].to(gn.device, gn.dtype), gn).double())
                     if normalize == "cosine":
-                        norm_total = norm_total + (gn**2).sum((1, 2))
+                        norm_total = norm_total + (gn.double() ** 2).sum((1, 2))
             if per_token:
-                tok_scores.append(tok_total)
+                tok_scores.append(tok_total.double())
             if normalize == "cosine":
                 g_norm2.append(norm_total)
 
@@ -298,16 +302,26 @@ def pairwise_scores(
     return ScoreMatrix(values, qu, tu, mods_full, tok_arr, reasons, meta)
 
 
+def _work_dtype(model: Any) -> Any:
+    """float64 for float64 models (exactness tests), else float32 (as kronfluence's defaults):
+    casting a float32 model's activations to float64 doubles the cost and adds no information.
+    Preconditioning and the per-pair accumulation stay float64."""
+    p = next(iter(model.parameters()), None)
+    return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
+
+
 def _token_scores(p: Any, fac: tuple[Any, Any] | None, calls: Sequence[tuple[Any, Any, Any]]) -> Any:
     """s(q, b, t) = Σ_calls m_t g_tᵀ P a_t, (Q, B, T); summed over calls of a shared module."""
     out = None
     for a, g, m in calls:
         if fac is None:
-            pa = torch.einsum("qoi,bti->qbto", p.to(a.device), a)
+            pa = torch.einsum("qoi,bti->qbto", p.to(a.device, a.dtype), a)
             s = torch.einsum("qbto,bto->qbt", pa, g)
         else:
             us, w = fac
-            s = torch.einsum("bto,qok,qki,bti->qbt", g, us.to(a.device), w.to(a.device), a)
+            gu = torch.einsum("bto,qok->qbtk", g, us.to(a.device, a.dtype))
+            wa = torch.einsum("qki,bti->qbtk", w.to(a.device, a.dtype), a)
+            s = (gu * wa).sum(-1)
         s = s * m[None]
         if out is None:
             out = s

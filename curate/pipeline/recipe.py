@@ -4,7 +4,7 @@ A recipe::
 
     name: demo                 # required; run folders go to <output>/<name>/<run_id>
     seed: 0
-    inputs:                    # the pool: paths (files, folders, globs) or {path, format, kind}
+    inputs:                    # the pool: paths (files, folders, globs) or {path, format, kind, sample}
       - ../../shared/data/alpaca/alpaca_5000.json
     targets: []                # optional target/evaluation sets (kind target), same forms
     output: ../runs            # base folder of run folders
@@ -36,15 +36,19 @@ from curate.pipeline.registry import build_step
 from curate.pipeline.step import step_params
 
 TOP_KEYS = ("name", "seed", "inputs", "targets", "output", "executor", "device", "on_error", "steps", "description")
-INPUT_KEYS = ("path", "format", "kind")
+INPUT_KEYS = ("path", "format", "kind", "sample")
 EXECUTORS = ("local", "ray")
 
 
 @dataclass
 class InputSpec:
+    """One input of a recipe. ``sample``: keep a seeded random ``sample`` rows of this input
+    (row-order invariant; e.g. a few targets per task for gradient-based selection on CPU)."""
+
     path: str
     format: str = "auto"
     kind: str | None = None
+    sample: int | None = None
 
 
 @dataclass
@@ -151,7 +155,10 @@ def _inputs(value: Any, key: str, base: Path) -> list[InputSpec]:
         path = os.path.expanduser(str(item["path"]))
         if not os.path.isabs(path):
             path = os.path.normpath(str(base / path))
-        out.append(InputSpec(path=path, format=str(item.get("format", "auto")), kind=item.get("kind")))
+        sample = item.get("sample")
+        if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
+            raise RecipeError(f"{key}[{i}]: 'sample' must be an integer >= 1. Got {sample!r}.")
+        out.append(InputSpec(path=path, format=str(item.get("format", "auto")), kind=item.get("kind"), sample=sample))
     return out
 
 

@@ -148,18 +148,26 @@ def _input_files(specs: list[InputSpec]) -> list[dict[str, Any]]:
     out = []
     for spec in specs:
         for f in expand_inputs([spec.path]):
-            out.append({"path": str(f), "size": f.stat().st_size, "sha256": sha256_file(f), "format": spec.format, "kind": spec.kind})
+            out.append({"path": str(f), "size": f.stat().st_size, "sha256": sha256_file(f), "format": spec.format,
+                        "kind": spec.kind, "sample": spec.sample})
     return out
 
 
-def _read(specs: list[InputSpec], on_error: str, progress: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _read(specs: list[InputSpec], on_error: str, progress: bool, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
     from curate.io import read_sources
     from curate.schema import dedupe_uids
 
     tables, rejects = [], []
     for spec in specs:
         res = read_sources([spec.path], format=spec.format, kind=spec.kind, on_error=on_error, progress=progress)
-        tables.append(res.table)
+        table = res.table
+        if spec.sample is not None and spec.sample < table.height:
+            from curate.pipeline.builtin import seeded_key
+
+            keys = pl.Series([seeded_key(u, seed) for u in table["uid"].to_list()], dtype=pl.UInt64)
+            keep = table.with_columns(keys.alias("_k")).sort(["_k", "uid"]).head(spec.sample)["uid"]
+            table = table.filter(pl.col("uid").is_in(keep.implode()))
+        tables.append(table)
         rejects.append(res.rejects)
     table = pl.concat(tables, how="vertical") if tables else pl.DataFrame(schema=SCHEMA)
     if len(tables) > 1:  # uids must stay unique across inputs (readers dedupe within one call)
@@ -219,8 +227,8 @@ def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]]
     write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False), run_dir / "recipe.resolved.yaml")
 
     # ---- ingest
-    key = _hash("ingest", [(f["sha256"], f["format"], f["kind"]) for f in inputs],
-                [(f["sha256"], f["format"], f["kind"]) for f in targets_files], recipe.on_error)
+    key = _hash("ingest", [(f["sha256"], f["format"], f["kind"], f["sample"]) for f in inputs],
+                [(f["sha256"], f["format"], f["kind"], f["sample"]) for f in targets_files], recipe.on_error, recipe.seed)
     folder = run_dir / "steps" / INGEST
     t0 = time.time()
     cached = _prepare(folder, key, overwrite)
@@ -231,10 +239,10 @@ def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]]
         say(f"[00] ingest: cached ({table.height} rows)")
     else:
         say(f"[00] ingest: reading {len(inputs)} file(s)")
-        table, ingest_rejects = _read(recipe.inputs, recipe.on_error, progress)
+        table, ingest_rejects = _read(recipe.inputs, recipe.on_error, progress, recipe.seed)
         targets = None
         if recipe.targets:
-            targets, target_rejects = _read(recipe.targets, recipe.on_error, progress)
+            targets, _ = _read(recipe.targets, recipe.on_error, progress, recipe.seed)
             write_parquet(targets, folder / "targets.parquet")
         write_parquet(table, folder / "table.parquet")
         write_parquet(ingest_rejects, folder / "rejects.parquet")

@@ -262,8 +262,9 @@ def composition(rows: pl.DataFrame, targets: pl.DataFrame | None = None) -> list
 
 # ----------------------------------------------------------------------------- embedding map
 def embedding_features(store: FeatureStore) -> list[str]:
-    """Names of the embedding feature sets (``embed/...``) in ``store``."""
-    return [n for n in store.names() if n.split("/")[0] == "embed" or n.startswith("embed")]
+    """Names of the pool's embedding feature sets (``embed/...``) in ``store``; the targets' sets
+    (``embed/<field>/targets``) hold no pool rows and are left out."""
+    return [n for n in store.names() if n.startswith("embed") and not n.endswith("/targets")]
 
 
 def pca_2d(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -276,12 +277,13 @@ def pca_2d(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         (coords (n, 2), explained variance ratio (2,)); missing components (d < 2 or n < 2)
         are zeros.
     """
-    x = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    x = np.asarray(values, dtype=np.float64)
     n = x.shape[0]
     coords = np.zeros((n, 2))
     ratio = np.zeros(2)
     if n < 2:
         return coords, ratio
+    x = x.reshape(n, -1)
     xc = x - x.mean(axis=0, keepdims=True)
     _, s, vt = np.linalg.svd(xc, full_matrices=False)
     k = min(2, vt.shape[0])

@@ -114,3 +114,22 @@ def test_default_model_cached_and_fast():
     rec = make_record("sft", messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
     e, = encode_examples([rec], tk)
     assert tk.decode([t for t in e.labels if t != IGNORE]) == "Hello!<|im_end|>\n"
+
+
+@pytest.mark.slow
+def test_default_model_cache_without_tokenizer_is_repaired(tmp_path, monkeypatch):
+    from curate.features.lm import default_model_path
+
+    src = default_model_path()
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path))
+    old = tmp_path / "models" / src.name
+    old.mkdir(parents=True)
+    for f in ("config.json", "generation_config.json", "DONE"):
+        (old / f).write_bytes((src / f).read_bytes())
+    (old / "model.safetensors").symlink_to(src / "model.safetensors")
+    assert default_model_path() == old  # same folder, tokenizer written into it once
+    assert (old / "tokenizer.json").exists() and (old / "tokenizer_config.json").exists()
+    _, tk = load_causal_lm("default", device="cpu")
+    _, ref = load_causal_lm(str(src), device="cpu")
+    text = "Hello, world! <|im_start|>user\nWhat is 2+2?<|im_end|>"
+    assert tk(text)["input_ids"] == ref(text)["input_ids"] and tk.chat_template == ref.chat_template

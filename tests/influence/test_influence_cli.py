@@ -66,7 +66,8 @@ def test_influence_cli_scores_equal_library_scores(env):
     lm, tok = load_causal_lm(str(env / "lm"), device="cpu")
     task = CausalLMTask(tok.pad_token_id)
     train, queries = encode_examples(pool, tok, max_length=int(ML)), encode_examples(tgt, tok, max_length=int(ML))
-    curv = Curvature(strategy="ekfac", fisher="empirical", batch_size=3).fit(lm, task, train)
+    fit_rows = encode_examples(pool.sort("uid"), tok, max_length=int(ML))  # the CLI fits in uid order
+    curv = Curvature(strategy="ekfac", fisher="empirical", batch_size=3).fit(lm, task, fit_rows)
     ref = pairwise_scores(curv, lm, task, queries, train, batch_size=3).values
 
     fs = FeatureSet.load(env / "scores")
@@ -96,7 +97,7 @@ def test_influence_cli_tfidf_rank_and_json(env, capsys):
     got = FeatureSet.load(env / "scores_tfidf").values
     kept = np.isfinite(got)
     assert (kept.sum(0) == 3).all()
-    np.testing.assert_allclose(got[kept], full[kept], rtol=1e-9)
+    np.testing.assert_allclose(got[kept], full[kept], rtol=1e-5)  # float32 model, other batches
     # the Capital-of-Italy target's top-3 includes the Capital-of-France candidate
     assert kept[2, 1]
     # rank = min(d_out, d_in) of every tracked module is exact (tiny Llama: 16 x 24 MLP)

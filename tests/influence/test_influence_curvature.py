@@ -219,3 +219,18 @@ def test_influence_factors_saved_and_reuse_with_other_arguments_refused(tmp_path
         Curvature(strategy="kfac", modules=["0"], fisher="empirical", dtype=DT).load(tmp_path / "f")
     with pytest.raises(ParameterError, match="fisher"):
         Curvature(strategy="ekfac", modules=["0"], fisher="true", dtype=DT).load(tmp_path / "f")
+
+
+def test_influence_rotated_grads_both_orders_agree():
+    """Λ's rotation Q_Sᵀ G_n Q_A: rotating tokens first (short T) equals rotating G_n (long T)."""
+    from curate.influence.curvature import LayerFactors, _rotated_grads, per_sequence_grads
+
+    g = torch.Generator().manual_seed(0)
+    qs = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0]
+    qa = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    f = LayerFactors(s_eigvecs=qs, a_eigvecs=qa)
+    for t in (1, 200):  # 1: tokens first; 200: G_n first
+        calls = [(torch.randn(3, t, 4, generator=g, dtype=torch.float64), torch.randn(3, t, 5, generator=g,
+                  dtype=torch.float64), (torch.rand(3, t, generator=g) > 0.3).double()) for _ in range(2)]
+        ref = qs.T @ per_sequence_grads(calls) @ qa
+        torch.testing.assert_close(_rotated_grads(calls, f, torch.float64), ref, rtol=1e-12, atol=1e-12)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import polars as pl
 import pytest
 
 from curate.preference.diagnostics import (
@@ -137,7 +136,7 @@ def test_ifd_decisions():
         IFD(keep_top_fraction=0)
 
 
-def test_ifd_identical_tokens_and_batching_and_planted_alignment():
+def test_ifd_identical_tokens_and_batching():
     torch = pytest.importorskip("torch")
     torch.set_num_threads(2)
     from curate.features.tiny import tiny_llama, tiny_tokenizer

@@ -20,6 +20,8 @@ TOPICS = [
     ("king queen crown", "throne royal court"), ("tree leaf root bark", "forest oak pine"),
 ]
 
+PER = 24  # rows per topic
+
 
 def _rows(topic: int, n: int, rng: np.random.Generator, kind: str = "sft") -> list[dict]:
     q_words, a_words = TOPICS[topic][0].split(), TOPICS[topic][1].split()
@@ -44,8 +46,8 @@ def world():
     rng = np.random.default_rng(0)
     recs, topic = [], []
     for t in range(len(TOPICS)):
-        recs += _rows(t, 40, rng)
-        topic += [t] * 40
+        recs += _rows(t, PER, rng)
+        topic += [t] * PER
     pool = to_frame(recs)
     order = np.argsort(pool["uid"].to_numpy())
     pool, topic = pool[order.tolist()], np.asarray(topic)[order]
@@ -60,12 +62,12 @@ def test_selectors_quad_reward_matches_pairwise_scores(world) -> None:
     from curate.influence.scores import example_gradients, pairwise_scores
 
     pool, _, targets, model, tok = world
-    sub = pool[:24]
-    raw = InfluenceReward(model, tok, pool, targets, reward="influence", fit_examples=200, max_length=64)
-    cos = InfluenceReward(model, tok, pool, targets, reward="cosine", factors=raw.curv, max_length=64)
-    idx = np.arange(24)
-    q = [e for e in encode_examples(targets, tok, max_length=64)]
-    z = encode_examples(sub, tok, max_length=64)
+    sub = pool[:16]
+    raw = InfluenceReward(model, tok, sub, targets[:4], reward="influence", fit_examples=16, max_length=48)
+    cos = InfluenceReward(model, tok, sub, targets[:4], reward="cosine", factors=raw.curv, max_length=48)
+    idx = np.arange(16)
+    q = encode_examples(targets[:4], tok, max_length=48)
+    z = encode_examples(sub, tok, max_length=48)
     ref = pairwise_scores(raw.curv, model, raw.task, q, z).values.sum(0)
     got = raw.rows(idx)
     np.testing.assert_allclose(got, ref, rtol=1e-8, atol=1e-10)
@@ -77,6 +79,7 @@ def test_selectors_quad_reward_matches_pairwise_scores(world) -> None:
     np.testing.assert_allclose(cos(uids), cos.rows(idx)[::-1], rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_selectors_quad_probe_estimates_rank_clusters(world) -> None:
     """Spec §7(f): Spearman(probe means at m = 10, exact damped-GGN cluster-mean influence) > 0.7, and
     Quad at a 25% budget takes most rows from the two reference topics."""
@@ -86,7 +89,7 @@ def test_selectors_quad_probe_estimates_rank_clusters(world) -> None:
     from curate.influence.exact import exact_scores, fisher_blocks, per_example_grads
 
     pool, topic, targets, model, tok = world
-    oracle = InfluenceReward(model, tok, pool, targets, fit_examples=320, max_length=64)
+    oracle = InfluenceReward(model, tok, pool, targets, fit_examples=8 * PER, max_length=64)
     names = oracle.curv.names
     z = encode_examples(pool, tok, max_length=64)
     q = encode_examples(targets, tok, max_length=64)

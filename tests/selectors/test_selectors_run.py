@@ -56,7 +56,7 @@ def test_selectors_run_bad_input(files) -> None:
     with pytest.warns(UserWarning, match="exceeds the pool"):
         res, _ = select_files("random", d / "in.parquet", d / "o", budget=100)
     assert res.n_kept == 30
-    assert not (d / "o" / "curated.parquet").read_bytes() == b""
+    assert (d / "o" / "curated.parquet").read_bytes() != b""
     assert parse_params(["mode=otm", "k_nn=5", "w=[1, 2]"]) == {"mode": "otm", "k_nn": 5, "w": [1, 2]}
     with pytest.raises(RecipeError):
         parse_params(["novalue"])
