@@ -75,7 +75,7 @@ def dpo_run(lm: Any, base_state: dict[str, Any], pairs: list[Any], pad: int, arg
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     with torch.no_grad():
         new_c, new_r = seq_logps(lm, pairs, 0, pad), seq_logps(lm, pairs, 1, pad)
     dc = (new_c - ref_c).numpy()

@@ -19,7 +19,7 @@ Reported: mean held-out loss of the reference answers per task and their macro a
 per-task mean LESS influence (cosine of gradient features) of each subset ("influence spread").
 
 Deviations from the papers (for a 2-core CPU): gradient features are plain SGD gradients of the
-last two transformer blocks of the base model (no warm-up LoRA checkpoints, no Adam
+MLP down-projections of the last two transformer blocks of the base model (no warm-up LoRA checkpoints, no Adam
 preconditioning), projected to ``--proj-dim``; a few hundred pool rows in --quick.
 
     python benchmarks/selection_quality.py --quick
@@ -105,7 +105,7 @@ def features(pool: pl.DataFrame, sel_targets: pl.DataFrame, root: Path, args: ar
     build_step("embed", {"field": "prompt"}).apply(pool, ctx)
     t_embed = time.perf_counter() - t0
     t0 = time.perf_counter()
-    GradFeaturesStep(params=f"last_blocks:{args.grad_blocks}", proj_dim=args.proj_dim, max_length=args.max_length,
+    GradFeaturesStep(params=args.grad_params, proj_dim=args.proj_dim, max_length=args.max_length,
                      batch_size=4, device="cpu").apply(pool, ctx)
     return {"store": store, "embed_s": round(t_embed, 1), "grad_s": round(time.perf_counter() - t0, 1)}
 
@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lora-layers", type=int, default=4)
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--grad-blocks", type=int, default=2)
-    p.add_argument("--proj-dim", type=int, default=256)
+    p.add_argument("--grad-params", default="model.layers.28.mlp.down_proj.weight,model.layers.29.mlp.down_proj.weight",
+                   help="parameters whose gradients are the LESS/BIDS features (grad_features 'params')")
+    p.add_argument("--proj-dim", type=int, default=128)
     p.add_argument("--no-full", action="store_true", help="skip the full-pool reference run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=str(HERE.parent / "runs" / "selection_quality"))
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common = {"pool_curated": n_curated, "pool": pool.height, "targets_per_task": args.targets_per_task,
               "n_eval": {t: len(v) for t, v in evals.items()}, "steps": args.steps, "batch_size": args.batch_size,
               "lr": args.lr, "max_length": args.max_length, "lora_layers": args.lora_layers,
-              "lora_rank": args.lora_rank, "grad_blocks": args.grad_blocks, "proj_dim": args.proj_dim,
+              "lora_rank": args.lora_rank, "grad_params": args.grad_params, "proj_dim": args.proj_dim,
               "quick": args.quick}
     note = "IFEval left out: no reference answers in ../shared/data (no held-out answer loss, no target gradient)."
     record("selection_quality/base", common, {"loss": base_loss, "macro": float(np.mean(list(base_loss.values()))),
