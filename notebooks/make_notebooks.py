@@ -63,6 +63,98 @@ print(manifest["selected_uids_hash"], manifest["recipe_hash"])"""),
 ]
 
 
+INFLUENCE = [
+    ("md", """# Influence-based selection: LESS, BIDS and a random baseline
+
+Per-example gradient features of SmolLM2-135M-Instruct (the last block's MLP, Rademacher-projected)
+for a small real pool and a few targets per task, then three selectors on the same features.
+CPU, about a minute. A real run adds a warm-up (`warmup` step) and the Adam variant (`variant: adam`)."""),
+    ("code", """import tempfile
+from pathlib import Path
+
+import polars as pl
+import curate
+
+DATA = Path("../../shared/data").resolve()
+if not DATA.exists():
+    DATA = Path("../shared/data").resolve()
+recipe = curate.parse_recipe({
+    "name": "influence-tour",
+    "seed": 0,
+    "inputs": [{"path": str(DATA / "alpaca/alpaca_5000.json"), "sample": 24},
+               {"path": str(DATA / "codealpaca/code_alpaca_2k.json"), "sample": 12}],
+    "targets": [{"path": str(DATA / "gsm8k/test.jsonl"), "sample": 3},
+                {"path": str(DATA / "human-eval/HumanEval.jsonl.gz"), "sample": 3}],
+    "steps": [{"use": "grad_features", "params": "mlp_last_blocks:1", "proj_dim": 64, "max_length": 96,
+               "batch_size": 4}],
+})
+run_dir = Path(tempfile.mkdtemp()) / "influence"
+run = curate.run_recipe(recipe, run_dir=run_dir)
+store = curate.FeatureStore(run_dir / "features")
+print(store.names())"""),
+    ("code", """pool = pl.read_parquet(run_dir / "curated.parquet")
+targets = pl.read_parquet(run_dir / "steps/00-ingest/targets.parquet")
+feats = {"grads": store["grad/sgd"], "target_grads": store["grad/sgd/targets"]}
+budget = curate.Budget(n=8)
+picks = {}
+for name in ("random", "less", "bids"):
+    sel = curate.SELECTORS[name]()
+    res = sel.select(pool, feats, budget, seed=0, targets=targets)
+    picks[name] = res
+    print(name, res.n_kept, "kept;", {k: v for k, v in res.diagnostics.items() if not isinstance(v, (list, dict))})"""),
+    ("md", "Where do the picks come from? Code rows (CodeAlpaca) should rise when HumanEval is a target."),
+    ("code", """for name, res in picks.items():
+    kept = pool.filter(pl.col("uid").is_in(res.kept_uids))
+    share = kept["source"].str.contains("code_alpaca").mean()
+    print(f"{name:6s} code share {share:.2f}  (pool {pool['source'].str.contains('code_alpaca').mean():.2f})")"""),
+    ("code", """picks["bids"].frame.sort("rank").head(8)"""),
+]
+
+PREFERENCE = [
+    ("md", """# Preference pairs: agreement, length bias, CHES and a TRL export
+
+Real pairs from `../shared/data`: PandaLM (three human annotators per pair) and Anthropic HH-RLHF.
+CHES (Razin et al. 2025) scores how similar chosen and rejected look to the model; LN-CHES keeps the
+pairs least likely to cause likelihood displacement."""),
+    ("code", """import json
+import tempfile
+from pathlib import Path
+
+import polars as pl
+import curate
+
+DATA = Path("../../shared/data").resolve()
+if not DATA.exists():
+    DATA = Path("../shared/data").resolve()
+panda = curate.read_sources([DATA / "pandalm/testset-v1.json"])
+print(panda.table.height, "PandaLM pairs with a majority;", panda.rejects.height, "ties reported")
+votes = panda.table["annotators"].to_list()
+unanimous = sum(1 for v in votes if len(set(v)) == 1)
+print(f"unanimous: {unanimous} / {len(votes)}")"""),
+    ("code", """recipe = curate.parse_recipe({
+    "name": "preference-tour",
+    "seed": 0,
+    "inputs": [{"path": str(DATA / "hh-rlhf/harmless-base_test.jsonl.gz"), "sample": 16}],
+    "steps": [
+        {"use": "exact_dedup", "level": "pair"},
+        {"use": "diagnose", "max_length": 256},
+        {"use": "ches_states", "max_length": 256},
+        {"use": "ches", "keep_bottom_fraction": 0.5},
+        {"use": "export", "format": "trl"},
+    ],
+})
+run_dir = Path(tempfile.mkdtemp()) / "pref"
+run = curate.run_recipe(recipe, run_dir=run_dir)
+print(json.dumps(run.summary()["steps"], indent=1))"""),
+    ("code", """curated = pl.read_parquet(run_dir / "curated.parquet")
+cols = [c for c in curated.columns if c.startswith(("diagnose__", "ches__"))]
+curated.select(["uid", *cols]).head()"""),
+    ("code", """export = next((run_dir / "steps").glob("*-export/export.*"))
+print(export.name)
+print(export.read_text().splitlines()[0][:400])"""),
+]
+
+
 def build(cells: list[tuple[str, str]]) -> nbf.NotebookNode:
     nb = nbf.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -70,7 +162,7 @@ def build(cells: list[tuple[str, str]]) -> nbf.NotebookNode:
     return nb
 
 
-NOTEBOOKS = {"01_tour.ipynb": TOUR}
+NOTEBOOKS = {"01_tour.ipynb": TOUR, "02_influence_selectors.ipynb": INFLUENCE, "03_preference.ipynb": PREFERENCE}
 
 
 def main() -> None:

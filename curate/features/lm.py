@@ -257,20 +257,44 @@ def _render(tokenizer: Any, msgs: Sequence[Mapping[str, str]], gen: bool) -> lis
     return _ids(tokenizer, text)
 
 
+def _render_text(tokenizer: Any, msgs: Sequence[Mapping[str, str]], gen: bool) -> str:
+    return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=gen)
+
+
 def _template_labels(tokenizer: Any, msgs: list[dict[str, str]], turns: list[int], uid: str) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and labels on the assistant turns in ``turns``.
+
+    The template is checked for prefix stability on the *text* (the rendering up to an assistant
+    turn is a prefix of the longer rendering); the text is then cut at those offsets and each
+    segment tokenised on its own. Tokenising the whole string at once can merge a token across the
+    prompt/response boundary (e.g. ``"\n"`` + a response starting with ``"\n"``), which would leave
+    no clean boundary; segment-wise tokenisation is what SFT trainers do for the same reason.
+    """
     last = turns[-1]
-    ids = _render(tokenizer, msgs[: last + 1], False)
-    labels = [IGNORE] * len(ids)
+    full = _render_text(tokenizer, msgs[: last + 1], False)
+    cuts: list[tuple[int, int]] = []  # (start, end) character spans of the labelled responses
     for k in turns:
-        head = _render(tokenizer, msgs[:k], True)
-        full = _render(tokenizer, msgs[: k + 1], False)
-        if full[: len(head)] != head or ids[: len(full)] != full:
+        head = _render_text(tokenizer, msgs[:k], True)
+        turn = _render_text(tokenizer, msgs[: k + 1], False)
+        if not turn.startswith(head) or not full.startswith(turn) or (cuts and len(head) < cuts[-1][1]):
             raise SchemaError(
-                "the chat template's rendering of the conversation up to an assistant turn is not a token prefix "
+                "the chat template's rendering of the conversation up to an assistant turn is not a prefix "
                 "of the longer rendering, so response tokens cannot be located.",
                 field="messages", expected="prefix-stable chat template", found=f"uid {uid}, assistant turn {k}",
             )
-        labels[len(head) : len(full)] = full[len(head) :]
+        cuts.append((len(head), len(turn)))
+    ids: list[int] = []
+    labels: list[int] = []
+    pos = 0
+    for start, end in cuts:
+        prompt_ids = _ids(tokenizer, full[pos:start]) if start > pos else []
+        response_ids = _ids(tokenizer, full[start:end]) if end > start else []
+        ids += prompt_ids + response_ids
+        labels += [IGNORE] * len(prompt_ids) + response_ids
+        pos = end
+    tail = _ids(tokenizer, full[pos:]) if pos < len(full) else []
+    ids += tail
+    labels += [IGNORE] * len(tail)
     return ids, labels
 
 

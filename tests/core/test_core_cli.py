@@ -169,3 +169,15 @@ def test_console_script_exit_code_and_json_last_line(tmp_path):
     assert "steps" in json.loads(proc.stdout.strip().splitlines()[-1])
     proc = subprocess.run([str(exe), "inspect", str(tmp_path / "missing.parquet")], capture_output=True, text=True, check=False)
     assert proc.returncode == 2
+
+
+def test_bad_executor_settings_exit_2(tmp_path, data_dir, capsys):
+    recipe = _recipe(tmp_path, data_dir)
+    code, _, err = run_cli(["run", str(recipe), "--executor", "dask"], capsys)
+    assert code == 2 and "dask" in err
+    code, _, err = run_cli(["run", str(recipe), "--executor", "local", "--ray-address", "127.0.0.1:6379"], capsys)
+    assert code == 2 and "--ray-address" in err
+    bad = tmp_path / "bad_exec.yaml"
+    bad.write_text(recipe.read_text().replace("seed: 3", "seed: 3\nexecutor: spark"))
+    code, _, err = run_cli(["validate", str(bad)], capsys)
+    assert code == 2 and "executor" in err and "spark" in err

@@ -133,3 +133,19 @@ def test_default_model_cache_without_tokenizer_is_repaired(tmp_path, monkeypatch
     _, ref = load_causal_lm(str(src), device="cpu")
     text = "Hello, world! <|im_start|>user\nWhat is 2+2?<|im_end|>"
     assert tk(text)["input_ids"] == ref(text)["input_ids"] and tk.chat_template == ref.chat_template
+
+
+@pytest.mark.slow
+def test_response_starting_with_newline_keeps_a_clean_boundary_on_the_real_tokenizer():
+    # Regression: tokenising the whole rendering merged "\n" + "\n..." across the prompt/response
+    # boundary of SmolLM2's ChatML, so real Alpaca rows whose output starts with a newline failed.
+    from curate.features.lm import encode_examples, load_causal_lm
+    from curate.schema import make_record, to_frame
+
+    _, tok = load_causal_lm("default", device="cpu")
+    table = to_frame([make_record("sft", messages=[{"role": "user", "content": "Write a poem."},
+                                                   {"role": "assistant", "content": "\n\nRoses are red.\n"}])])
+    (enc,) = encode_examples(table, tok, max_length=128, min_response_tokens=1)
+    labelled = [t for t in enc.labels if t != -100]
+    assert "Roses are red." in tok.decode(labelled)
+    assert "Write a poem" not in tok.decode(labelled)
