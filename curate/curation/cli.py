@@ -19,18 +19,12 @@ import polars as pl
 from curate.errors import ParameterError
 from curate.pipeline.runner import reason_category
 from curate.pipeline.step import StepContext, check_step_output, step_params
-from curate.schema import validate_table
 
 
 def _read_table(path: str) -> pl.DataFrame:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"input not found: {path}.")
-    if p.suffix == ".parquet":
-        return validate_table(pl.read_parquet(p), name=path)
-    from curate.io import read_sources  # type: ignore[attr-defined]
+    from curate.io.tables import read_table
 
-    return read_sources([path]).table
+    return read_table(path)
 
 
 def run_steps(table: pl.DataFrame, steps: list[tuple[str, Any]], out_dir: str | Path, *,

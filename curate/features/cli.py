@@ -23,16 +23,9 @@ EMBED_FIELDS = {"prompt": "prompt", "response": "response", "text": "prompt+resp
 
 
 def _read_table(path: str) -> pl.DataFrame:
-    from curate.schema import validate_table
+    from curate.io.tables import read_table
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"input not found: {path}.")
-    try:
-        table = pl.read_parquet(p)
-    except Exception as exc:  # noqa: BLE001 - polars raises several types for bad files
-        raise SchemaError(f"cannot read parquet: {exc}", file=path) from None
-    return validate_table(table, name=path)
+    return read_table(path)
 
 
 def _emit(as_json: bool, summary: dict[str, Any], lines: list[str]) -> None:

@@ -11,28 +11,20 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import click
 import polars as pl
 
-from curate.errors import ParameterError, SchemaError
+from curate.errors import ParameterError
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 
 
-def _read(path: str, what: str) -> pl.DataFrame:
-    from curate.schema import validate_table
+def _read(path: str, what: str = "input") -> pl.DataFrame:
+    from curate.io.tables import read_table
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{what} not found: {path}.")
-    try:
-        table = pl.read_parquet(p)
-    except Exception as exc:  # noqa: BLE001 - polars raises several types for bad files
-        raise SchemaError(f"cannot read parquet: {exc}", file=path) from None
-    return validate_table(table, name=path)
+    return read_table(path, what=what)
 
 
 def _damping(value: str | None) -> float | str:

@@ -24,16 +24,9 @@ from curate.errors import SchemaError
 
 
 def _read(path: str) -> pl.DataFrame:
-    from curate.schema import validate_table
+    from curate.io.tables import read_table
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"input not found: {path}.")
-    if p.suffix == ".parquet":
-        return validate_table(pl.read_parquet(p), name=path)
-    from curate.io import read_sources  # type: ignore[attr-defined]
-
-    return read_sources([path]).table
+    return read_table(path)
 
 
 def _emit(obj: dict[str, Any], as_json: bool, lines: list[str]) -> None:
