@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,19 +79,13 @@ class FeatureSet:
     # ------------------------------------------------------------------ persistence
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write the set to ``folder`` atomically (temp folder, then rename)."""
+        from curate.io.writers import atomic_dir
+
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_dir(folder) as tmp:
             np.save(tmp / "values.npy", np.ascontiguousarray(self.values), allow_pickle=False)
             pl.DataFrame({"uid": self.uids.tolist()}, schema={"uid": pl.Utf8}).write_parquet(tmp / "uids.parquet")
             (tmp / "meta.json").write_text(json.dumps({"name": self.name, **self.meta}, indent=2, sort_keys=True, default=str))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     @classmethod

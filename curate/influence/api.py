@@ -12,8 +12,6 @@ refuses a different one (a mismatch would silently give meaningless scores).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -204,20 +202,14 @@ def save_scores(scores: Any, out_dir: str | os.PathLike[str]) -> Path:
     ``meta.json`` (meta ``target_uids`` names the columns; ``curate select --scores DIR`` reads it),
     ``targets.parquet`` (column order), ``aggregates.parquet`` (per-candidate mean / max / min).
     """
+    from curate.io.writers import atomic_dir
+
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         inner = scores.to_feature_set("scores").save(tmp / "fs")
         for f in inner.iterdir():
             os.replace(f, tmp / f.name)
         inner.rmdir()
         pl.DataFrame({"uid": list(scores.query_uids)}, schema={"uid": pl.Utf8}).write_parquet(tmp / "targets.parquet")
         aggregates_frame(scores).write_parquet(tmp / "aggregates.parquet")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,22 +347,16 @@ class Curvature:
                 fingerprint, used to refuse scoring with another model); read back as ``self.extra``.
         """
         self._check_fitted()
+        from curate.io.writers import atomic_dir
+
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_dir(folder) as tmp:
             tensors = {f"{n}::{k}": v.cpu() for n, f in self.factors.items() for k, v in f.tensors().items()}
             torch.save(tensors, tmp / "factors.pt")
             info = {"arguments": self.arguments(), "names": self.names, "dims": self.dims,
                     "n_seq": self.n_seq, "n_tokens": self.n_tokens,
                     "extra": dict(extra if extra is not None else self.extra)}
             (tmp / "arguments.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     def load(self, folder: str | os.PathLike[str]) -> Curvature:
