@@ -123,8 +123,9 @@ def flatten(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def table(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown table: bench, varying params, metrics, command."""
+def table(rows: list[dict[str, Any]], keep: Iterable[str] = ()) -> list[str]:
+    """Markdown table: bench, varying params (and those in ``keep``), metrics, command."""
+    keep = set(keep)
     rows = [{**r, "metrics": flatten(r["metrics"])} for r in rows]
     pkeys: list[str] = []
     for r in rows:
@@ -132,7 +133,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             if k not in pkeys:
                 pkeys.append(k)
     # keep only parameters that differ between rows (the rest go into a line above the table)
-    varying = [k for k in pkeys if len({json.dumps(r["params"].get(k), default=str) for r in rows}) > 1]
+    varying = [k for k in pkeys
+               if k in keep or len({json.dumps(r["params"].get(k), default=str) for r in rows}) > 1]
     mkeys: list[str] = []
     for r in rows:
         for k in r["metrics"]:
@@ -182,8 +184,12 @@ def render(rows: list[dict[str, Any]], notes: str = "", skipped: int = 0, source
             shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for r in brs:  # rows with other columns (another mode of the script) get their own table
                 shapes.setdefault(tuple(sorted(r["params"])) + ("|",) + tuple(sorted(r["metrics"])), []).append(r)
+            # a parameter that varies across the bench stays a column in each of its tables, so a table
+            # of one mode (e.g. only the BIDS rows, which carry extra metrics) still names its rows
+            keep = [k for k in dict.fromkeys(k for r in brs for k in r["params"])
+                    if len({json.dumps(r["params"].get(k), default=str) for r in brs}) > 1]
             for srs in shapes.values():
-                out += table(srs) + [""]
+                out += table(srs, keep) + [""]
             for n in dict.fromkeys(r["notes"] for r in brs if r["notes"]):
                 out += [f"Note: {n}", ""]
     if notes.strip():

@@ -221,6 +221,42 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+class RunCache:
+    """Finished trainings (held-out losses, timings) in a JSON-lines file, so a stopped run resumes.
+
+    The key covers everything that changes a training: method, budget, seed, the chosen uids and the
+    training hyperparameters.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.done[d["key"]] = d["out"]
+
+    @staticmethod
+    def key(method: str, budget: float | None, seed: int, uids: list[str], args: argparse.Namespace) -> str:
+        import hashlib
+
+        hp = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "max_length", "lora_layers", "lora_rank")}
+        blob = json.dumps([method, budget, seed, sorted(uids), hp], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.done.get(key)
+
+    def put(self, key: str, out: dict[str, Any]) -> None:
+        self.done[key] = out
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key, "out": out}) + "\n")
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -241,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--proj-dim", type=int, default=128)
     p.add_argument("--no-full", action="store_true", help="skip the full-pool reference run")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stop-at", default=None, help="UTC HH:MM after which no new training starts; "
+                   "what finished is recorded (per-method seed counts in the metrics)")
     p.add_argument("--workdir", default=str(HERE.parent / "runs" / "selection_quality"))
     args = p.parse_args(argv)
     if args.quick:
@@ -283,50 +321,90 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                "embed_s": feats["embed_s"], "grad_features_s": feats["grad_s"]},
            notes=note)
     rows = []
-    runs: list[tuple[str, float | None, list[str], dict[str, Any]]] = []
-    for budget in args.budgets:
-        for method in args.methods:
-            picks = {}
-            for seed in args.seeds:
-                s = seed if method == "random" else 0  # deterministic selectors pick the same subset
-                if s not in picks:
-                    picks[s] = select(method, pool, store, sel_t, budget, s)
-                runs.append((method, budget, picks[s][0], {"seed": seed, "diag": picks[s][1]}))
+    # Blocks in order: the first budget, the full-pool reference, the other budgets. Inside a block the
+    # trainings go seed-major (every method with seed 0, then seed 1, ...), so a run stopped by --stop-at
+    # leaves every method of the block with the same number of seeds (±1). Each block is recorded as soon
+    # as it is done; finished trainings are cached in the workdir, so a rerun resumes where it stopped.
+    blocks: list[list[tuple[str, float | None]]] = [[(m, args.budgets[0]) for m in args.methods]]
     if not args.no_full:
+        blocks.append([("full_pool", None)])
+    blocks += [[(m, b) for m in args.methods] for b in args.budgets[1:]]
+    cache = RunCache(work / "runs" / f"{tag}.jsonl")
+    base_macro = float(np.mean(list(base_loss.values())))
+    stop_at = stop_time(args.stop_at)
+    picks: dict[tuple[str, float | None, int], tuple[list[str], dict[str, Any]]] = {}
+    for block in blocks:
+        done: dict[tuple[str, float | None], list[dict[str, Any]]] = {g: [] for g in block}
         for seed in args.seeds:
-            runs.append(("full_pool", None, pool["uid"].to_list(), {"seed": seed, "diag": {}}))
-    results: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
-    for method, budget, uids, info in runs:
-        subset = [enc_pool[u] for u in uids if u in enc_pool]
-        out = train_eval(subset, evals, lm, base_state, pad, args, info["seed"])
-        out.update(n_selected=len(uids), diag=info["diag"], uids=uids)
-        results.setdefault((method, budget), []).append(out)
-        print(f"{method:10s} budget={budget} seed={info['seed']} n={len(uids)} loss={out['loss']} "
-              f"({out['train_s']:.0f}s, {out['train_tok_per_s']:.0f} tok/s)", flush=True)
-    for (method, budget), outs in results.items():
-        per_task = {t: mean_std([o["loss"][t] for o in outs]) for t in TASKS}
-        macro = mean_std([float(np.mean([o["loss"][t] for t in TASKS])) for o in outs])
-        infl = influence_by_task(store, outs[0]["uids"], sel_t)
-        metrics = {
-            "n_selected": outs[0]["n_selected"], "seeds": len(outs),
-            "loss": {t: round(m, 4) for t, (m, _) in per_task.items()},
-            "loss_std": {t: round(s, 4) for t, (_, s) in per_task.items()},
-            "macro": round(macro[0], 4), "macro_std": round(macro[1], 4),
-            "delta_vs_base_macro": round(macro[0] - float(np.mean(list(base_loss.values()))), 4),
-            "influence_by_task": infl, "influence_spread": round(max(infl.values()) - min(infl.values()), 5),
-            "train_s_per_run": round(float(np.mean([o["train_s"] for o in outs])), 1),
-            "train_tok_per_s": round(float(np.mean([o["train_tok_per_s"] for o in outs])), 1),
-            "peak_rss_mb": peak_rss_mb(),
-        }
-        diag = outs[0]["diag"]
-        if method == "bids" and diag:
-            metrics["bids_aid_raw"] = diag.get("aid_raw")
-            metrics["bids_thi"] = diag.get("thi")
-        rows.append(metrics)
-        record("selection_quality", {**common, "method": method, "budget": budget, "seeds": args.seeds}, metrics,
-               notes=note)
+            for method, budget in block:
+                if method == "full_pool":
+                    uids, diag = pool["uid"].to_list(), {}
+                else:
+                    s = seed if method == "random" else 0  # deterministic selectors pick the same subset
+                    if (method, budget, s) not in picks:
+                        picks[(method, budget, s)] = select(method, pool, store, sel_t, budget, s)
+                    uids, diag = picks[(method, budget, s)]
+                key = cache.key(method, budget, seed, uids, args)
+                out = cache.get(key)
+                if out is None and stop_at is not None and time.time() > stop_at:
+                    print(f"{method:10s} budget={budget} seed={seed} skipped (past --stop-at)", flush=True)
+                    continue
+                if out is None:
+                    subset = [enc_pool[u] for u in uids if u in enc_pool]
+                    out = train_eval(subset, evals, lm, base_state, pad, args, seed)
+                    cache.put(key, out)
+                    how = f"{out['train_s']:.0f}s, {out['train_tok_per_s']:.0f} tok/s"
+                else:
+                    how = "cached"
+                done[(method, budget)].append({**out, "seed": seed, "n_selected": len(uids), "diag": diag,
+                                               "uids": uids})
+                print(f"{method:10s} budget={budget} seed={seed} n={len(uids)} loss={out['loss']} ({how}) "
+                      f"[{time.perf_counter() - t_all:.0f}s]", flush=True)
+        for (method, budget), outs in done.items():
+            if outs:
+                rows.append(summarise(method, budget, outs, store, sel_t, base_macro, common, note))
     print(f"total {time.perf_counter() - t_all:.0f}s", flush=True)
     return {"rows": rows, "base": base_loss}
+
+
+def stop_time(hhmm: str | None) -> float | None:
+    """``HH:MM`` (UTC, today) as a POSIX time; None without a limit."""
+    if not hhmm:
+        return None
+    import datetime as dt
+
+    h, m = (int(x) for x in hhmm.split(":"))
+    now = dt.datetime.now(dt.UTC)
+    return now.replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
+
+
+def summarise(method: str, budget: float | None, outs: list[dict[str, Any]], store: Any, sel_t: pl.DataFrame,
+              base_macro: float, common: dict[str, Any], note: str) -> dict[str, Any]:
+    """Mean ± std over the seeds of one (method, budget) and its ``record`` line."""
+    per_task = {t: mean_std([o["loss"][t] for o in outs]) for t in TASKS}
+    macros = [float(np.mean([o["loss"][t] for t in TASKS])) for o in outs]
+    macro = mean_std(macros)
+    infl = influence_by_task(store, outs[0]["uids"], sel_t)
+    metrics = {
+        "n_selected": outs[0]["n_selected"], "seeds": len(outs),
+        "loss": {t: round(m, 4) for t, (m, _) in per_task.items()},
+        "loss_std": {t: round(s, 4) for t, (_, s) in per_task.items()},
+        "macro": round(macro[0], 4), "macro_std": round(macro[1], 4),
+        "macro_by_seed": [round(x, 4) for x in macros],
+        "delta_vs_base_macro": round(macro[0] - base_macro, 4),
+        "influence_by_task": infl, "influence_spread": round(max(infl.values()) - min(infl.values()), 5),
+        "train_s_per_run": round(float(np.mean([o["train_s"] for o in outs])), 1),
+        "train_tok_per_s": round(float(np.mean([o["train_tok_per_s"] for o in outs])), 1),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    diag = outs[0]["diag"]
+    if method == "bids" and diag:
+        metrics["bids_aid_raw"] = diag.get("aid_raw")
+        metrics["bids_thi"] = diag.get("thi")
+    seeds = [o["seed"] for o in outs]
+    record("selection_quality", {**common, "method": method, "budget": budget, "seeds": seeds}, metrics,
+           notes=note)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -212,3 +212,22 @@ def test_flow_config_validation() -> None:
     for bad in ({"n_criteria": 0}, {"thresholds": (0.8, 0.5)}, {"epochs": -1}, {"max_llm_calls": 0}):
         with pytest.raises(ParameterError, match="parameter of CritiQFlow must be"):
             FlowConfig(**bad)
+
+
+def test_propose_reask_rounds_resample_a_seeded_manager(tmp_path) -> None:
+    """Re-asking for missing criteria with an unchanged prompt must not replay round 0's reply."""
+    texts, q = synthetic_functions(40, seed=0)
+    pairs = synthetic_pairs(texts, q, n_pairs=6, seed=0)
+    seeds = []
+
+    def manager(messages, params):
+        if "TASK: propose" not in messages[-1]["content"]:
+            return "The better text has a docstring."
+        seeds.append(params["seed"])
+        return "I cannot." if params["seed"] == 0 else json.dumps({"docstrings": "Prefer functions with a docstring."})
+
+    worker = JudgeSession(BackendJudge(RuleJudge(), "rule"), tmp_path / "c.sqlite")
+    mgr = JudgeSession(BackendJudge(manager, "mgr"), tmp_path / "c.sqlite", max_retries=0)
+    res = CritiQFlow(worker, mgr, FlowConfig(n_criteria=1, epochs=0, max_retries=1, seed=0), kb=[]).run(pairs)
+    assert seeds == [0, 1]
+    assert {h["phase"]: h for h in res.history}["warmup"]["proposed"] == ["docstrings"]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from curate.selectors.critiq.fakes import RuleJudge, ScriptedManager, synthetic_functions, synthetic_pairs
+from curate.selectors.critiq.fakes import BackendJudge, RuleJudge, ScriptedManager, synthetic_functions, synthetic_pairs
 from curate.selectors.critiq.flow import CritiQFlow, FlowConfig
 from curate.selectors.critiq.judge import (
     JudgeError,
@@ -105,6 +105,21 @@ def test_bad_json_reasked_three_times_then_invalid(tmp_path) -> None:
         s = JudgeSession(_judge(srv.url), None)
         parsed, _ = s.ask_json(MSG, parse_worker, temperature=0, max_tokens=8)
     assert parsed.vote == "A" and be.calls == 2
+
+
+def test_reask_sends_a_new_seed_so_a_seeded_sampler_resamples(tmp_path) -> None:
+    """A seeded sampler (``curate judge serve``, vLLM) replays a reply for the same seed; a re-ask
+    must send another seed, else it only repeats the parse failure (seen with SmolLM2 on PandaLM)."""
+    seen = []
+
+    def seeded(messages, params):
+        seen.append(params["seed"])
+        return "no json here" if params["seed"] == 7 else GOOD
+
+    s = JudgeSession(BackendJudge(seeded, "m"), tmp_path / "c.sqlite", max_retries=2)
+    parsed, _ = s.ask_json(MSG, parse_worker, temperature=1.0, max_tokens=8, seed=7)
+    assert parsed is not None and parsed.vote == "A"
+    assert seen == [7, 8]  # the first attempt keeps the caller's seed (its cache key is unchanged)
 
 
 def test_cache_key_and_secret_never_stored(tmp_path, monkeypatch) -> None:

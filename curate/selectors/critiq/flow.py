@@ -455,10 +455,13 @@ class CritiQFlow:
             c.accuracy, c.all_abstained = criterion_accuracy(res[c.name], pairs)
         return res
 
-    def _manager_json(self, messages: list[dict[str, str]], parse: Callable[[str], Any], phase: str) -> Any:
+    def _manager_json(self, messages: list[dict[str, str]], parse: Callable[[str], Any], phase: str,
+                      round_: int = 0) -> Any:
         cfg = self.config
+        # a re-ask round with an unchanged prompt needs its own seeds, else it replays round 0
+        seed = cfg.seed + round_ * (getattr(self.manager, "max_retries", 0) + 1)
         parsed, _raw = self.manager.ask_json(messages, parse, temperature=cfg.manager_temperature,
-                                             max_tokens=cfg.manager_max_tokens, seed=cfg.seed, phase=phase)
+                                             max_tokens=cfg.manager_max_tokens, seed=seed, phase=phase)
         return parsed
 
     def _propose(self, context: list[dict[str, str]], k: int, taken: set[str], banned: set[str], prefix: str,
@@ -474,7 +477,7 @@ class CritiQFlow:
                 break
             shown = sorted({c for c in taken} | {c.name for c in accepted})
             msgs = context + [{"role": "user", "content": prefix + _propose_text(need, shown, rejected)}]
-            got = self._manager_json(msgs, parse_criteria, phase) or {}
+            got = self._manager_json(msgs, parse_criteria, phase, _round) or {}
             for name in sorted(got):  # deterministic, never completion order
                 key = norm_name(name)
                 if key in banned or key in seen:

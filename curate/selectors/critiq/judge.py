@@ -288,16 +288,19 @@ class JudgeSession:
 
     def ask_json(self, messages: list[dict[str, str]], parse: Callable[[str], T], *, temperature: float,
                  max_tokens: int, seed: int | None = None, phase: str = "") -> tuple[T | None, str]:
-        """Ask, parse; on :class:`JudgeParseError` re-ask the same prompt (the attempt index is in
-        the cache key, so it is a fresh sample) up to ``max_retries`` times.
+        """Ask, parse; on :class:`JudgeParseError` re-ask the same prompt up to ``max_retries`` times.
+
+        A re-ask is a fresh sample: the attempt index is in the cache key, and re-ask ``k`` sends
+        ``seed + k`` (a seeded sampler, e.g. ``curate judge serve`` or vLLM, would otherwise return
+        the failed reply again). Greedy decoding (temperature 0) may still repeat itself.
 
         Returns:
             (parsed value or None when every attempt failed, the last raw reply).
         """
         raw = ""
         for attempt in range(self.max_retries + 1):
-            raw = self.chat(messages, temperature=temperature, max_tokens=max_tokens, seed=seed,
-                            attempt=attempt, phase=phase)
+            raw = self.chat(messages, temperature=temperature, max_tokens=max_tokens,
+                            seed=None if seed is None else seed + attempt, attempt=attempt, phase=phase)
             try:
                 return parse(raw), raw
             except JudgeParseError:
