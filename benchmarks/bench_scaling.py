@@ -2,8 +2,8 @@
 
 Rows: the 5,000 real Alpaca rows, perturbed into triples so that the duplicate structure is the
 same at every size: row ``i`` belongs to triple ``g = i // 3``, whose text is Alpaca row ``g % 5000``
-(variant ``v = g // 5000``; variants ``v > 0`` replace ~25% of the output's words, which puts them
-far below the threshold from each other); the triple is (the variant, an exact copy, a near-duplicate
+(variant ``v = g // 5000``; variants ``v > 0`` replace ~25% of the instruction's and of the output's
+words, which puts them far below the threshold from each other); the triple is (the variant, an exact copy, a near-duplicate
 with ~2% of the output's words replaced). So every size has one third exact and one third near
 duplicates and clusters of three rows. (An earlier version repeated each Alpaca row n/5000 times,
 so clusters grew with n and the candidate pairs per row grew with them: that measured the data, not
@@ -58,12 +58,14 @@ def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
         g, kind = divmod(i, 3)
         variant = g // len(base)
         r = base[g % len(base)]
-        words = r["output"].split()
-        if variant:
-            words = edit(words, 0.25, random.Random(f"{seed}:variant:{g}"))
+        instruction, words = r["instruction"], r["output"].split()
+        if variant:  # instruction and output both edited: variants must not share a prompt
+            vr = random.Random(f"{seed}:variant:{g}")
+            instruction = " ".join(edit(instruction.split(), 0.25, vr))
+            words = edit(words, 0.25, vr)
         if kind == 2:
             words = edit(words, 0.02, random.Random(f"{seed}:near:{i}"))
-        rows.append({"instruction": r["instruction"], "input": r["input"], "output": " ".join(words)})
+        rows.append({"instruction": instruction, "input": r["input"], "output": " ".join(words)})
     return rows
 
 
@@ -119,7 +121,7 @@ def main() -> None:
             if not args.no_record:
                 record("scaling/size", {"n_rows": n, "threshold": 0.8, "num_perm": 128, "shingles": "word 5-grams",
                                         "field": "prompt+response", "threads": 1,
-                                        "data": "triples"}, res)
+                                        "data": "triples-v2"}, res)
             path.unlink()
     if len(results) >= 2:
         ns = [r["n_rows"] for r in results]
@@ -128,7 +130,7 @@ def main() -> None:
         fit["peak_rss_mb_max"] = max(r["peak_rss_mb"] for r in results)
         print(json.dumps(fit))
         if not args.no_record:
-            record("scaling/fit", {"sizes": ns, "data": "triples"}, fit)
+            record("scaling/fit", {"sizes": ns, "data": "triples-v2"}, fit)
 
 
 if __name__ == "__main__":
