@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--proj-dim", type=int, default=128)
     p.add_argument("--no-full", action="store_true", help="skip the full-pool reference run")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--stop-at", default=None, help="UTC HH:MM after which no new training starts; "
+    p.add_argument("--stop-at", type=stop_time, default=None, help="UTC HH:MM after which no new training starts; "
                    "what finished is recorded (per-method seed counts in the metrics)")
     p.add_argument("--workdir", default=str(HERE.parent / "runs" / "selection_quality"))
     args = p.parse_args(argv)
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     blocks += [[(m, b) for m in args.methods] for b in args.budgets[1:]]
     cache = RunCache(work / "runs" / f"{tag}.jsonl")
     base_macro = float(np.mean(list(base_loss.values())))
-    stop_at = stop_time(args.stop_at)
+    stop_at = args.stop_at  # POSIX time (parsed by stop_time) or None
     picks: dict[tuple[str, float | None, int], tuple[list[str], dict[str, Any]]] = {}
     for block in blocks:
         done: dict[tuple[str, float | None], list[dict[str, Any]]] = {g: [] for g in block}
@@ -373,9 +373,12 @@ def stop_time(hhmm: str | None) -> float | None:
         return None
     import datetime as dt
 
-    h, m = (int(x) for x in hhmm.split(":"))
+    try:
+        t = dt.datetime.strptime(hhmm, "%H:%M")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--stop-at {hhmm!r}: expected HH:MM (UTC), e.g. 15:30") from None
     now = dt.datetime.now(dt.UTC)
-    return now.replace(hour=h, minute=m, second=0, microsecond=0).timestamp()
+    return now.replace(hour=t.hour, minute=t.minute, second=0, microsecond=0).timestamp()
 
 
 def summarise(method: str, budget: float | None, outs: list[dict[str, Any]], store: Any, sel_t: pl.DataFrame,

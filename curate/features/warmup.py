@@ -39,8 +39,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +50,7 @@ import polars as pl
 from curate._lazy import require
 from curate.errors import SchemaError, param_error
 from curate.features.gradients import LORA_TARGETS, _block_index, collate, row_losses
+from curate.io.writers import atomic_dir
 from curate.pipeline.registry import register_step
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -307,10 +306,8 @@ def warmup_train(
         raise SchemaError("no warm-up row has response tokens to train on.", field="messages",
                           expected="rows with assistant turns", found=f"{len(examples)} rows without")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     t0 = time.perf_counter()
-    try:
+    with atomic_dir(out_dir) as tmp:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             lm = add_training_lora(model, cfg)
@@ -377,12 +374,6 @@ def warmup_train(
                    "n_steps": step, "n_trainable": int(sum(p.numel() for _, p in named)),
                    "seconds": round(seconds, 3), **(extra_meta or {})}
         (tmp / WARMUP_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return WarmupResult(out_dir, [out_dir / c for c in ckpts], mean_lrs, epoch_losses,
                         list(summary.get("sample_uids", [])), step, seconds, False, summary)
 

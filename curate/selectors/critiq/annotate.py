@@ -13,10 +13,7 @@ the calls that had not finished; the output parquet is written atomically.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -96,13 +93,3 @@ def annotate_table(table: pl.DataFrame, criteria: Sequence[Criterion], worker: J
     pairs = make_pairs(table["uid"].to_list(), rendered, n_pairs=n_pairs, n_buckets=n_buckets,
                        max_data_chars=max_data_chars, seed=seed)
     return annotate_pairs(pairs, criteria, worker, seed=seed, **kwargs)  # type: ignore[arg-type]
-
-
-def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".parquet", dir=p.parent)
-    os.close(fd)
-    frame.write_parquet(tmp)
-    os.replace(tmp, p)
-    return p

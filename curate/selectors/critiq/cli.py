@@ -150,7 +150,8 @@ def annotate_cmd(in_path: str, criteria_path: str, output: str, n_pairs: int | N
                  judge_url: str, judge_model: str, api_key_env: str, cache: str, concurrency: int, seed: int,
                  as_json: bool) -> None:
     """Label length-bucketed random pairs of a pool by majority vote over the criteria (resumable)."""
-    from curate.selectors.critiq.annotate import annotate_table, write_parquet_atomic
+    from curate.io.writers import write_parquet
+    from curate.selectors.critiq.annotate import annotate_table
     from curate.selectors.critiq.flow import load_criteria
 
     t0 = time.time()
@@ -159,7 +160,7 @@ def annotate_cmd(in_path: str, criteria_path: str, output: str, n_pairs: int | N
     worker = _session(judge_url, judge_model, cache, api_key_env, concurrency)
     out = annotate_table(table, criteria, worker, n_pairs=n_pairs, n_buckets=n_buckets, seed=seed,
                          max_workers=concurrency, max_tokens=max_tokens)
-    write_parquet_atomic(out, output)
+    write_parquet(out, output)
     _emit(as_json, {"output": output, "n_labelled": out.height, "n_criteria": len(criteria),
                     "calls": worker.stats.as_dict(), "seconds": round(time.time() - t0, 2)})
 
@@ -181,7 +182,7 @@ def score_cmd(in_path: str, pairs_path: str, out_dir: str, budget: str, temperat
 
     from curate.features.embed import embed_texts
     from curate.features.store import FeatureSet
-    from curate.selectors.critiq.annotate import write_parquet_atomic
+    from curate.io.writers import write_parquet
     from curate.selectors.critiq.flow import atomic_write_json
     from curate.selectors.critiq.scorer import CritiqSelector
 
@@ -195,9 +196,9 @@ def score_cmd(in_path: str, pairs_path: str, out_dir: str, budget: str, temperat
     out.mkdir(parents=True, exist_ok=True)
     frame = res.frame.rename({c: f"critiq__{c}" for c in res.frame.columns if c != "uid"})
     joined = table.join(frame, on="uid", how="left")
-    write_parquet_atomic(res.frame, out / "scores.parquet")
-    write_parquet_atomic(joined.filter(pl.col("critiq__keep")), out / "curated.parquet")
-    write_parquet_atomic(joined.filter(~pl.col("critiq__keep")), out / "rejected.parquet")
+    write_parquet(res.frame, out / "scores.parquet")
+    write_parquet(joined.filter(pl.col("critiq__keep")), out / "curated.parquet")
+    write_parquet(joined.filter(~pl.col("critiq__keep")), out / "rejected.parquet")
     summary = {"output": str(out), "n_in": table.height, "n_kept": res.n_kept, "params": res.params,
                "diagnostics": res.diagnostics, "seconds": round(time.time() - t0, 2)}
     atomic_write_json(out / "manifest.json", summary)

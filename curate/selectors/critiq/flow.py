@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
@@ -379,14 +378,12 @@ class FlowResult:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, ensure_ascii=False)
-        fh.write("\n")
-    os.replace(tmp, p)
-    return p
+    """``obj`` as sorted, indented UTF-8 JSON, written atomically (:func:`curate.io.writers.atomic_path`)."""
+    from curate.io.writers import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    return Path(path)
 
 
 def load_criteria(path: str | os.PathLike[str]) -> list[Criterion]:
@@ -459,7 +456,7 @@ class CritiQFlow:
                       round_: int = 0) -> Any:
         cfg = self.config
         # a re-ask round with an unchanged prompt needs its own seeds, else it replays round 0
-        seed = cfg.seed + round_ * (getattr(self.manager, "max_retries", 0) + 1)
+        seed = cfg.seed + round_ * (self.manager.max_retries + 1)
         parsed, _raw = self.manager.ask_json(messages, parse, temperature=cfg.manager_temperature,
                                              max_tokens=cfg.manager_max_tokens, seed=seed, phase=phase)
         return parsed
