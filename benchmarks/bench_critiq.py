@@ -77,7 +77,8 @@ class JudgeServer:
     """``curate judge serve`` in a subprocess with one torch thread. It stays in the caller's process
     group, so a harness that kills the group (benchmarks/run.py on timeout) kills the server too."""
 
-    def __init__(self, log_path: Path, start_timeout_s: float = 900.0) -> None:
+    def __init__(self, log_path: Path, start_timeout_s: float = 900.0, threads: int = 1) -> None:
+        self.threads = threads
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = log_path
@@ -87,7 +88,8 @@ class JudgeServer:
     def __enter__(self) -> JudgeServer:
         import httpx
 
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+        n = str(self.threads)
+        env = dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n,
                    HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         curate_bin = Path(sys.executable).with_name("curate")
         cmd = [str(curate_bin) if curate_bin.exists() else "curate", "judge", "serve", "--host", "127.0.0.1",
@@ -211,6 +213,9 @@ def main() -> None:
     ap.add_argument("--max-chars", type=int, default=1200, help="each text in a worker prompt is cut to this")
     ap.add_argument("--max-chars-manager", type=int, default=600)
     ap.add_argument("--no-baseline-swap", action="store_true", help="ask the single prompt in one order only")
+    ap.add_argument("--free-text", dest="guided_choice", action="store_false",
+                    help="let workers write free text (the stop-14 run) instead of guided_choice replies")
+    ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the judge server")
     ap.add_argument("--cache", default=str(RUNS / "judge.sqlite"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--judge-url", default=None,
@@ -261,14 +266,15 @@ def main() -> None:
     cfg = FlowConfig(n_criteria=args.n_criteria, epochs=args.epochs, max_retries=args.manager_retries,
                      max_reflections_per_criterion=args.max_reflections, max_chars_manager=args.max_chars_manager,
                      max_chars_worker=args.max_chars, worker_max_tokens=args.worker_max_tokens,
-                     manager_max_tokens=args.manager_max_tokens, max_workers=1, seed=args.seed)
+                     manager_max_tokens=args.manager_max_tokens, max_workers=1, seed=args.seed,
+                     worker_guided_choice=args.guided_choice)
     wkw = {"temperature": 0.0, "max_tokens": args.worker_max_tokens, "seed": args.seed,
-           "max_chars": args.max_chars, "max_workers": 1}
+           "max_chars": args.max_chars, "max_workers": 1, "guided_choice": args.guided_choice}
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}
     RUNS.mkdir(parents=True, exist_ok=True)
 
-    with (ExternalJudge(args.judge_url) if args.judge_url else JudgeServer(RUNS / "serve.log")) as server:
+    with (ExternalJudge(args.judge_url) if args.judge_url else JudgeServer(RUNS / "serve.log", threads=args.server_threads)) as server:
         timings["server_startup_s"] = round(server.startup_s, 1)
         cache = JudgeCache(args.cache)
         worker = JudgeSession(OpenAICompatJudge(server.url, args.judge_model, max_concurrency=1, timeout_s=900),
@@ -314,7 +320,9 @@ def main() -> None:
             flat = [r for n in names for r in hres[n]]
             metrics["flow"] = {**agreement(votes, held_answers), "criteria_source": criteria_source,
                                "per_criterion": {n: agreement([r.vote for r in hres[n]], held_answers) for n in names},
-                               "worker_replies": status_counts(flat), "raw": raw_stats(flat)}
+                               "worker_replies": status_counts(flat), "raw": raw_stats(flat),
+                               "position_bias_share_A": round(sum(r.vote == "A" for r in flat)
+                                                              / max(1, sum(r.vote in ("A", "B") for r in flat)), 4)}
         else:
             metrics["flow"] = {**agreement([None] * len(held_pairs), held_answers), "criteria_source": criteria_source}
         timings["heldout_flow_s"] = round(time.perf_counter() - t0, 1)
@@ -423,7 +431,9 @@ def main() -> None:
     summary = {k: metrics[k] for k in ("flow", "single_prompt", "scorer", "scorer_human_labels_ceiling", "longer_wins")}
     (RUNS / f"bench_summary{tag}.json").write_text(json.dumps({"params": params, "metrics": metrics}, indent=2, default=str))
     if not args.no_record:
-        judge_desc = args.judge_url or "SmolLM2-135M-Instruct via `curate judge serve`, 1 torch thread, CPU"
+        judge_desc = args.judge_url or (f"SmolLM2-135M-Instruct via `curate judge serve`, {args.server_threads} "
+                                        "torch thread(s), CPU")
+        judge_desc += "; workers: guided_choice" if args.guided_choice else "; workers: free text"
         record("critiq_pandalm", params, metrics, notes=f"judge: {judge_desc}; criteria: {criteria_source}")
     print(json.dumps(summary, indent=1, default=str))
 

@@ -1,7 +1,8 @@
 """CritiQ (Guo et al., ACL 2025, arXiv 2502.19279): LLM judges, the CritiQ Flow, agent annotation
 and the Bradley–Terry scorer with Gumbel top-k selection. See specs/critiq.md.
 
-Importing this package registers the ``critiq`` selector (and its pipeline step). Heavy and
+Importing this package registers the ``critiq`` selector (and its pipeline step) and the
+``critiq_mine`` / ``critiq_annotate`` recipe steps. Heavy and
 HTTP dependencies (httpx, fastapi, uvicorn, torch, sklearn) are imported lazily.
 """
 
@@ -35,12 +36,13 @@ from curate.selectors.critiq.judge import (
 )
 from curate.selectors.critiq.kb import STARTER_KB, load_kb
 from curate.selectors.critiq.scorer import CritiqSelector, fit_bradley_terry, gumbel_topk
+from curate.selectors.critiq.steps import CritiQAnnotate, CritiQMine
 
 if "critiq" not in SELECTORS:
     register_selector(CritiqSelector)
 
 __all__ = [
-    "STARTER_KB", "BudgetExceeded", "CacheMiss", "CritiQFlow", "CritiqSelector", "Criterion", "FlowConfig",
+    "STARTER_KB", "BudgetExceeded", "CacheMiss", "CritiQFlow", "CritiqSelector", "CritiQAnnotate", "CritiQMine", "Criterion", "FlowConfig",
     "FlowResult", "Judge", "JudgeCache", "JudgeError", "JudgeSession", "OpenAICompatJudge", "Pair", "WorkerResult",
     "annotate_pairs", "annotate_table", "criterion_accuracy", "fit_bradley_terry", "gumbel_topk",
     "judge_pairs", "judge_single_prompt", "load_criteria", "load_kb", "majority_vote", "make_pairs", "triage",

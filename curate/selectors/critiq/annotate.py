@@ -58,8 +58,9 @@ def make_pairs(uids: Sequence[str], rendered: Sequence[str], *, n_pairs: int | N
 
 def annotate_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], worker: JudgeSession, *,
                    voting_threshold: int = 0, temperature: float = 0.0, max_tokens: int = 1024,
-                   max_workers: int = 4, seed: int = 0) -> pl.DataFrame:
+                   max_workers: int = 4, seed: int = 0, guided_choice: bool = False) -> pl.DataFrame:
     """Judge every pair by every criterion; the label is the majority vote; None labels dropped.
+    ``guided_choice`` restricts worker replies to the valid answers (see :func:`judge_pairs`).
 
     Returns:
         ``a_uid, b_uid, label (A|B), winner_uid, loser_uid, n_a, n_b, n_none, n_invalid``.
@@ -67,7 +68,7 @@ def annotate_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], worker:
     if not criteria:
         raise param_error("annotate", "criteria", "a non-empty list", list(criteria))
     res = judge_pairs(worker, list(criteria), pairs, temperature=temperature, max_tokens=max_tokens, seed=seed,
-                      max_workers=max_workers, phase="annotate")
+                      max_workers=max_workers, phase="annotate", guided_choice=guided_choice)
     names = sorted(res)
     rows = []
     for i, p in enumerate(pairs):

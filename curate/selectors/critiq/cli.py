@@ -115,10 +115,13 @@ def critiq() -> None:
 @click.option("--n-criteria", default=20, show_default=True, type=int)
 @click.option("--max-llm-calls", default=None, type=int)
 @click.option("--max-tokens", default=1024, show_default=True, type=int, help="Worker reply length.")
+@click.option("--guided-choice", is_flag=True,
+              help="Restrict worker replies to the valid JSON answers (vLLM guided_choice; `curate judge serve` has it).")
 @_with(common)
 def mine_cmd(pairs_path: str, output: str, manager_url: str | None, manager_model: str | None, kb_path: str | None,
-             epochs: int, n_criteria: int, max_llm_calls: int | None, max_tokens: int, judge_url: str,
-             judge_model: str, api_key_env: str, cache: str, concurrency: int, seed: int, as_json: bool) -> None:
+             epochs: int, n_criteria: int, max_llm_calls: int | None, max_tokens: int, guided_choice: bool,
+             judge_url: str, judge_model: str, api_key_env: str, cache: str, concurrency: int, seed: int,
+             as_json: bool) -> None:
     """Run the CritiQ Flow on ~30 human preference pairs and write the criteria JSON."""
     from curate.selectors.critiq.flow import CritiQFlow, FlowConfig
     from curate.selectors.critiq.kb import load_kb
@@ -129,7 +132,7 @@ def mine_cmd(pairs_path: str, output: str, manager_url: str | None, manager_mode
     manager = _session(manager_url or judge_url, manager_model or judge_model, cache, api_key_env, 1)
     kb = [] if kb_path == "none" else load_kb(kb_path)
     cfg = FlowConfig(n_criteria=n_criteria, epochs=epochs, max_llm_calls=max_llm_calls, seed=seed,
-                     max_workers=concurrency, worker_max_tokens=max_tokens)
+                     max_workers=concurrency, worker_max_tokens=max_tokens, worker_guided_choice=guided_choice)
     log = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     res = CritiQFlow(worker, manager, cfg, kb=kb, log=log).run(pairs)
     res.save(output)
@@ -145,9 +148,11 @@ def mine_cmd(pairs_path: str, output: str, manager_url: str | None, manager_mode
 @click.option("--n-pairs", default=None, type=int, help="Pairs to judge [default: min(25000, N/2)].")
 @click.option("--n-buckets", default=10, show_default=True, type=int)
 @click.option("--max-tokens", default=1024, show_default=True, type=int)
+@click.option("--guided-choice", is_flag=True,
+              help="Restrict worker replies to the valid JSON answers (vLLM guided_choice; `curate judge serve` has it).")
 @_with(common)
 def annotate_cmd(in_path: str, criteria_path: str, output: str, n_pairs: int | None, n_buckets: int, max_tokens: int,
-                 judge_url: str, judge_model: str, api_key_env: str, cache: str, concurrency: int, seed: int,
+                 guided_choice: bool, judge_url: str, judge_model: str, api_key_env: str, cache: str, concurrency: int, seed: int,
                  as_json: bool) -> None:
     """Label length-bucketed random pairs of a pool by majority vote over the criteria (resumable)."""
     from curate.io.writers import write_parquet
@@ -159,7 +164,7 @@ def annotate_cmd(in_path: str, criteria_path: str, output: str, n_pairs: int | N
     criteria = load_criteria(criteria_path)
     worker = _session(judge_url, judge_model, cache, api_key_env, concurrency)
     out = annotate_table(table, criteria, worker, n_pairs=n_pairs, n_buckets=n_buckets, seed=seed,
-                         max_workers=concurrency, max_tokens=max_tokens)
+                         max_workers=concurrency, max_tokens=max_tokens, guided_choice=guided_choice)
     write_parquet(out, output)
     _emit(as_json, {"output": output, "n_labelled": out.height, "n_criteria": len(criteria),
                     "calls": worker.stats.as_dict(), "seconds": round(time.time() - t0, 2)})

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from curate.selectors.critiq.flow import Pair, parse_worker_prompt
+from curate.selectors.critiq.judge import parse_worker
 
 _TEXT_RE = re.compile(r"\[Text A\]\n(?P<a>.*?)\n\[End of Text A\]\n\n\[Text B\]\n(?P<b>.*?)\n\[End of Text B\]", re.S)
 
@@ -39,11 +40,18 @@ class BackendJudge:
         self.n_calls = 0
         self._lock = threading.Lock()
 
+    @property
+    def supports_guided_choice(self) -> bool:
+        return bool(getattr(self.backend, "supports_guided_choice", False))
+
     def chat(self, messages: list[dict[str, str]], *, temperature: float, max_tokens: int,
-             seed: int | None) -> str:
+             seed: int | None, guided_choice: list[str] | None = None) -> str:
         with self._lock:
             self.n_calls += 1
-        return self.backend(messages, {"temperature": temperature, "max_tokens": max_tokens, "seed": seed})
+        params: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
+        if guided_choice is not None:
+            params["guided_choice"] = list(guided_choice)
+        return self.backend(messages, params)
 
 
 def _h(*parts: str) -> float:
@@ -74,6 +82,25 @@ class RuleJudge:
         ans = "None" if fa == fb else ("A" if fa > fb else "B")
         return ("Sure. " + json.dumps({"analysis_a": f"{what}: {fa}", "analysis_b": f"{what}: {fb}",
                                        "thought": f"compared {what}", "answer": ans}) + " Done.")
+
+
+class GuidedRule(RuleJudge):
+    """:class:`RuleJudge` answering through ``guided_choice``: its vote as one of the allowed replies
+    (``{"answer": "A"}`` ...); records the choice lists it was given."""
+
+    supports_guided_choice = True
+
+    def __init__(self) -> None:
+        self.choices_seen: set[tuple[str, ...]] = set()
+
+    def __call__(self, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
+        reply = super().__call__(messages, params)
+        choices = params.get("guided_choice")
+        if choices is None:
+            return reply
+        self.choices_seen.add(tuple(choices))
+        vote = parse_worker(reply).vote or "None"
+        return next(c for c in choices if json.loads(c)["answer"] == vote)
 
 
 DEFAULT_POOL: tuple[tuple[str, str], ...] = (

@@ -10,7 +10,9 @@ Deviations from the reference code (spec §10): reflection and refine prompts ca
 description (the reference shows "Description: None"); refined descriptions are assembled by
 name, never by completion order; a final parse failure is an ``invalid`` result; KB ties are
 broken by name, not at random; the A/B swap stream is seeded by ``seed`` rather than a fixed
-constant.
+constant. Optional (off by default): workers may be asked with ``guided_choice`` — the reply is
+restricted to ``{"answer": "A"}``, ``{"answer": "B"}`` or ``{"answer": "None"}`` (no thought) — so
+that a small local judge that cannot write the JSON contract still gives valid votes.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from curate.selectors.critiq.judge import (
 )
 
 INVALID = WorkerResult(None, "invalid", "", "")
+# The replies a guided worker may give (vLLM ``guided_choice``); the single-prompt judge must choose.
+WORKER_CHOICES = ('{"answer": "A"}', '{"answer": "B"}', '{"answer": "None"}')
+SINGLE_CHOICES = WORKER_CHOICES[:2]
 
 
 # --------------------------------------------------------------------------- data types
@@ -87,6 +92,8 @@ class FlowConfig:
         max_llm_calls: optional cap on fresh calls, checked before each phase (BudgetExceeded).
         max_workers: worker calls in flight.
         seed: A/B swap stream and the manager's sampling seed.
+        worker_guided_choice: ask workers with ``guided_choice=WORKER_CHOICES`` (the endpoint must
+            support it: vLLM, ``curate judge serve``); the manager always writes free text.
     """
 
     n_criteria: int = 20
@@ -105,6 +112,7 @@ class FlowConfig:
     max_llm_calls: int | None = None
     max_workers: int = 4
     seed: int = 0
+    worker_guided_choice: bool = False
 
     def __post_init__(self) -> None:
         o = "CritiQFlow"
@@ -295,9 +303,10 @@ def swap_pairs(pairs: Sequence[Pair], seed: int) -> list[Pair]:
 
 def judge_pairs(worker: JudgeSession, criteria: Sequence[Criterion], pairs: Sequence[Pair], *,
                 temperature: float = 0.0, max_tokens: int = 1024, seed: int | None = 0,
-                max_chars: int = 20000, max_workers: int = 4, phase: str = "judge"
-                ) -> dict[str, list[WorkerResult]]:
+                max_chars: int = 20000, max_workers: int = 4, phase: str = "judge",
+                guided_choice: bool = False) -> dict[str, list[WorkerResult]]:
     """Every (pair, criterion) judged once; results assembled by (criterion name, pair index).
+    ``guided_choice`` restricts each reply to :data:`WORKER_CHOICES`.
 
     Raises the first :class:`~curate.selectors.critiq.judge.JudgeError` after cancelling calls not
     yet started; finished calls are already in the cache.
@@ -308,7 +317,8 @@ def judge_pairs(worker: JudgeSession, criteria: Sequence[Criterion], pairs: Sequ
     def one(job: tuple[Criterion, int]) -> WorkerResult:
         c, i = job
         parsed, raw = worker.ask_json(worker_messages(c, pairs[i], max_chars), parse_worker,
-                                      temperature=temperature, max_tokens=max_tokens, seed=seed, phase=phase)
+                                      temperature=temperature, max_tokens=max_tokens, seed=seed, phase=phase,
+                                      guided_choice=WORKER_CHOICES if guided_choice else None)
         return parsed if parsed is not None else WorkerResult(None, "invalid", "", raw)
 
     with ThreadPoolExecutor(max_workers=max_workers) as ex:
@@ -326,12 +336,14 @@ def judge_pairs(worker: JudgeSession, criteria: Sequence[Criterion], pairs: Sequ
 
 def judge_single_prompt(worker: JudgeSession, pairs: Sequence[Pair], criteria: Sequence[Criterion] | None = None, *,
                         temperature: float = 0.0, max_tokens: int = 1024, seed: int | None = 0,
-                        max_chars: int = 20000, max_workers: int = 4, phase: str = "single_prompt"
-                        ) -> list[WorkerResult]:
-    """One call per pair: all ``criteria`` in one prompt, or the vanilla judge when None."""
+                        max_chars: int = 20000, max_workers: int = 4, phase: str = "single_prompt",
+                        guided_choice: bool = False) -> list[WorkerResult]:
+    """One call per pair: all ``criteria`` in one prompt, or the vanilla judge when None.
+    ``guided_choice`` restricts each reply to :data:`SINGLE_CHOICES` (A or B)."""
     def one(i: int) -> WorkerResult:
         parsed, raw = worker.ask_json(single_prompt_messages(pairs[i], criteria, max_chars), parse_worker,
-                                      temperature=temperature, max_tokens=max_tokens, seed=seed, phase=phase)
+                                      temperature=temperature, max_tokens=max_tokens, seed=seed, phase=phase,
+                                      guided_choice=SINGLE_CHOICES if guided_choice else None)
         return parsed if parsed is not None else WorkerResult(None, "invalid", "", raw)
 
     with ThreadPoolExecutor(max_workers=max_workers) as ex:
@@ -447,7 +459,7 @@ class CritiQFlow:
         cfg = self.config
         res = judge_pairs(self.worker, criteria, pairs, temperature=cfg.worker_temperature,
                           max_tokens=cfg.worker_max_tokens, seed=cfg.seed, max_chars=cfg.max_chars_worker,
-                          max_workers=cfg.max_workers, phase=phase)
+                          max_workers=cfg.max_workers, phase=phase, guided_choice=cfg.worker_guided_choice)
         for c in criteria:
             c.accuracy, c.all_abstained = criterion_accuracy(res[c.name], pairs)
         return res

@@ -8,7 +8,11 @@ Preferences", Guo et al., ACL 2025, arXiv 2502.19279). Deviations from the refer
   sleeping 60 s up to 10 times;
 - a final parse failure is an ``invalid`` result, never a bare ``None``;
 - every call is cached by ``sha256(canonical_json({judge, messages, temperature, max_tokens, seed,
-  attempt}))`` so reruns are free and manager sampling (temperature 1.0) is reproducible.
+  attempt}))`` (plus ``guided_choice`` when set) so reruns are free and manager sampling
+  (temperature 1.0) is reproducible;
+- workers may be asked with vLLM's ``guided_choice`` (the allowed reply strings), which
+  ``curate judge serve`` implements too: a small local model cannot write the JSON contract freely
+  (SmolLM2-135M parsed 0 of 200 replies), but it can pick among the valid replies.
 
 The API key is read from an environment variable at call time; it is never part of a judge's
 ``name``, a cache key, a manifest or a log line.
@@ -23,7 +27,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -66,6 +70,11 @@ class Judge(Protocol):
 
     def chat(self, messages: list[dict[str, str]], *, temperature: float, max_tokens: int,
              seed: int | None) -> str: ...
+
+
+def supports_guided_choice(judge: Judge) -> bool:
+    """Whether ``judge.chat`` takes ``guided_choice=`` (the allowed reply strings)."""
+    return bool(getattr(judge, "supports_guided_choice", False))
 
 
 # --------------------------------------------------------------------------- HTTP client
@@ -127,9 +136,14 @@ class OpenAICompatJudge:
             self._client.close()
             self._client = None
 
+    supports_guided_choice = True
+
     def chat(self, messages: list[dict[str, str]], *, temperature: float, max_tokens: int,
-             seed: int | None) -> str:
+             seed: int | None, guided_choice: Sequence[str] | None = None) -> str:
         """One chat completion; retries 429/5xx/timeouts/connection errors with back-off.
+
+        ``guided_choice`` (vLLM's extension, also served by ``curate judge serve``) restricts the
+        reply to one of the given strings; an endpoint without it answers 400 (a :class:`JudgeError`).
 
         Raises:
             JudgeError: another 4xx, a malformed response body, or no success after ``max_tries``.
@@ -139,6 +153,8 @@ class OpenAICompatJudge:
                                 "max_tokens": max_tokens}
         if seed is not None:
             body["seed"] = seed
+        if guided_choice is not None:
+            body["guided_choice"] = list(guided_choice)
         headers = {}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
@@ -172,10 +188,13 @@ class OpenAICompatJudge:
 
 # --------------------------------------------------------------------------- cache
 def cache_key(judge_name: str, messages: list[dict[str, str]], *, temperature: float, max_tokens: int,
-              seed: int | None, attempt: int) -> str:
-    """sha256 of the canonical JSON of everything that determines a reply (specs §6)."""
-    payload = {"judge": judge_name, "messages": messages, "temperature": float(temperature),
-               "max_tokens": int(max_tokens), "seed": seed, "attempt": int(attempt)}
+              seed: int | None, attempt: int, guided_choice: Sequence[str] | None = None) -> str:
+    """sha256 of the canonical JSON of everything that determines a reply (specs §6).
+    ``guided_choice`` enters only when set, so free-text keys are unchanged."""
+    payload: dict[str, Any] = {"judge": judge_name, "messages": messages, "temperature": float(temperature),
+                               "max_tokens": int(max_tokens), "seed": seed, "attempt": int(attempt)}
+    if guided_choice is not None:
+        payload["guided_choice"] = list(guided_choice)
     return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
 
 
@@ -264,14 +283,21 @@ class JudgeSession:
             table[phase] += 1
 
     def chat(self, messages: list[dict[str, str]], *, temperature: float, max_tokens: int,
-             seed: int | None = None, attempt: int = 0, phase: str = "") -> str:
-        """One call through the cache."""
+             seed: int | None = None, attempt: int = 0, phase: str = "",
+             guided_choice: Sequence[str] | None = None) -> str:
+        """One call through the cache; ``guided_choice`` restricts the reply to those strings.
+
+        Raises:
+            JudgeError: ``guided_choice`` is given and the judge does not support it.
+        """
+        if guided_choice is not None and not supports_guided_choice(self.judge):
+            raise JudgeError(f"judge '{self.judge.name}' does not support guided_choice")
         if attempt == 0:
             self._count(self.stats.first, phase)
         else:
             self._count(self.stats.retried, phase)
         key = cache_key(self.judge.name, messages, temperature=temperature, max_tokens=max_tokens,
-                        seed=seed, attempt=attempt)
+                        seed=seed, attempt=attempt, guided_choice=guided_choice)
         if self.cache_mode != "off":
             hit = self.cache.get(key)  # type: ignore[union-attr]
             if hit is not None:
@@ -280,14 +306,16 @@ class JudgeSession:
             if self.cache_mode == "read_only":
                 raise CacheMiss(f"judge cache {self.cache.path} (read_only) has no reply for a "  # type: ignore[union-attr]
                                 f"'{phase}' call to '{self.judge.name}' (key {key[:12]}…).")
-        reply = self.judge.chat(messages, temperature=temperature, max_tokens=max_tokens, seed=seed)
+        extra = {} if guided_choice is None else {"guided_choice": list(guided_choice)}
+        reply = self.judge.chat(messages, temperature=temperature, max_tokens=max_tokens, seed=seed, **extra)
         self._count(self.stats.fresh, phase)
         if self.cache_mode == "read_write":
             self.cache.put(key, self.judge.name, reply)  # type: ignore[union-attr]
         return reply
 
     def ask_json(self, messages: list[dict[str, str]], parse: Callable[[str], T], *, temperature: float,
-                 max_tokens: int, seed: int | None = None, phase: str = "") -> tuple[T | None, str]:
+                 max_tokens: int, seed: int | None = None, phase: str = "",
+                 guided_choice: Sequence[str] | None = None) -> tuple[T | None, str]:
         """Ask, parse; on :class:`JudgeParseError` re-ask the same prompt up to ``max_retries`` times.
 
         A re-ask is a fresh sample: the attempt index is in the cache key, and re-ask ``k`` sends
@@ -300,7 +328,8 @@ class JudgeSession:
         raw = ""
         for attempt in range(self.max_retries + 1):
             raw = self.chat(messages, temperature=temperature, max_tokens=max_tokens,
-                            seed=None if seed is None else seed + attempt, attempt=attempt, phase=phase)
+                            seed=None if seed is None else seed + attempt, attempt=attempt, phase=phase,
+                            guided_choice=guided_choice)
             try:
                 return parse(raw), raw
             except JudgeParseError:

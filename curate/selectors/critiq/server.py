@@ -10,10 +10,18 @@ temperature 0 and samples with a seeded generator otherwise. A small model like 
 exercises the plumbing; it is a weak judge.
 
 A backend may raise :class:`BackendHTTPError` to answer with a given status (fault injection).
+
+Constrained replies: a request may carry vLLM's ``guided_choice`` extension (a list of allowed reply
+strings). The server hands it to backends that declare ``supports_guided_choice = True`` in
+``params["guided_choice"]`` and refuses it (HTTP 400) for the others; a reply outside the list is a
+500. :class:`LMBackend` decodes token by token restricted to the allowed strings (a trie of their
+token ids), greedy at temperature 0 like vLLM's guided decoding, so even a model too small to write
+the JSON contract returns a valid reply whose content is the model's own preference.
 """
 
 from __future__ import annotations
 
+import inspect
 import socket
 import threading
 import time
@@ -24,6 +32,7 @@ from typing import Any
 from curate._lazy import require
 
 Backend = Callable[[list[dict[str, str]], dict[str, Any]], str]
+MAX_GUIDED_CHOICES = 64
 
 
 class BackendHTTPError(Exception):
@@ -59,10 +68,21 @@ def make_app(backends: Mapping[str, Backend]) -> Any:
         model = body.get("model") if body.get("model") in backends else names[0]
         params = {"temperature": float(body.get("temperature", 1.0) or 0.0),
                   "max_tokens": int(body.get("max_tokens") or 512), "seed": body.get("seed")}
+        choices = body.get("guided_choice")
+        if choices is not None:
+            if not (isinstance(choices, list) and choices and len(choices) <= MAX_GUIDED_CHOICES
+                    and all(isinstance(c, str) and c for c in choices)):
+                return JSONResponse({"error": {"message": "'guided_choice' must be a list of 1 to "
+                                               f"{MAX_GUIDED_CHOICES} non-empty strings"}}, 400)
+            if not getattr(backends[model], "supports_guided_choice", False):
+                return JSONResponse({"error": {"message": f"model '{model}' does not support guided_choice"}}, 400)
+            params["guided_choice"] = list(choices)
         try:
             text = backends[model](msgs, params)
         except BackendHTTPError as exc:
             return JSONResponse({"error": {"message": str(exc)}}, exc.status_code)
+        if choices is not None and text not in choices:
+            return JSONResponse({"error": {"message": f"model '{model}' replied outside guided_choice"}}, 500)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
@@ -148,6 +168,8 @@ class LMBackend:
         self._tok: Any = None
         self._lock = threading.Lock()
 
+    supports_guided_choice = True
+
     def load(self) -> LMBackend:
         if self._lm is None:
             from curate.features.lm import load_causal_lm
@@ -155,21 +177,27 @@ class LMBackend:
             self._lm, self._tok = load_causal_lm(self.model_name, device=self.device, dtype=self.dtype)
         return self
 
+    def _prompt_ids(self, messages: list[dict[str, str]]) -> Any:
+        torch = require("torch", "the local judge")
+        ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=False)
+        if not torch.is_tensor(ids):
+            ids = ids["input_ids"]
+        return ids[:, -self.max_input_tokens :].to(self._lm.device)
+
     def __call__(self, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
         torch = require("torch", "the local judge")
         with self._lock:
             self.load()
-            ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                return_dict=False)
-            if not torch.is_tensor(ids):
-                ids = ids["input_ids"]
-            ids = ids[:, -self.max_input_tokens :].to(self._lm.device)
+            ids = self._prompt_ids(messages)
             temperature = float(params.get("temperature") or 0.0)
+            seed = params.get("seed")
+            if params.get("guided_choice"):
+                return self._choose(ids, list(params["guided_choice"]), temperature, seed)
             kwargs: dict[str, Any] = {"max_new_tokens": int(params.get("max_tokens") or 512),
                                       "pad_token_id": self._tok.pad_token_id,
                                       "attention_mask": torch.ones_like(ids)}
             if temperature > 0:
-                seed = params.get("seed")
                 torch.manual_seed(int(seed) if seed is not None else 0)
                 kwargs.update(do_sample=True, temperature=temperature, top_p=1.0)
             else:
@@ -177,6 +205,54 @@ class LMBackend:
             with torch.no_grad():
                 out = self._lm.generate(ids, **kwargs)
             return str(self._tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+    def choice_tokens(self, choices: list[str]) -> list[list[int]]:
+        """Token ids of each allowed reply, as the model would write them after the prompt."""
+        self.load()
+        return [list(self._tok(c, add_special_tokens=False)["input_ids"]) for c in choices]
+
+    def _choose(self, ids: Any, choices: list[str], temperature: float, seed: int | None) -> str:
+        """Decode restricted to ``choices``: at each step only tokens that keep the reply a prefix of
+        an allowed string are eligible (plus EOS where a choice is complete); greedy at temperature
+        0, else sampled from the renormalised eligible tokens with a seeded generator. The model
+        runs only where there is a choice to make: forced tokens are fed in one pass with the
+        next decision's input, through the KV cache."""
+        torch = require("torch", "the local judge")
+        toks = self.choice_tokens(choices)
+        eos = self._tok.eos_token_id
+        gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
+        # transformers 5 renamed past_key_values to cache; accept both
+        cache_arg = "cache" if "cache" in inspect.signature(self._lm.forward).parameters else "past_key_values"
+        alive = list(range(len(choices)))
+        prefix: list[int] = []
+        pending: list[int] = ids[0].tolist()  # tokens not yet fed to the model
+        past: Any = None
+        with torch.no_grad():
+            while True:
+                if len(alive) == 1:  # one string left: the rest of it is forced
+                    return choices[alive[0]]
+                done = [i for i in alive if len(toks[i]) == len(prefix)]
+                nxt = sorted({toks[i][len(prefix)] for i in alive if len(toks[i]) > len(prefix)})
+                if not nxt:  # several choices with the same tokens
+                    return choices[done[0]]
+                options = nxt + ([eos] if done and eos is not None else [])
+                if len(options) == 1:
+                    pick = options[0]
+                else:
+                    kwargs = {} if past is None else {cache_arg: past}
+                    out = self._lm(torch.tensor([pending], device=ids.device), use_cache=True, **kwargs)
+                    past, pending = getattr(out, cache_arg), []
+                    sub = out.logits[0, -1].double()[torch.tensor(options, device=ids.device)]
+                    if temperature > 0:
+                        probs = torch.softmax(sub / temperature, dim=0).cpu()
+                        pick = options[int(torch.multinomial(probs, 1, generator=gen))]
+                    else:
+                        pick = options[int(torch.argmax(sub))]  # first maximum: ties go to the lower id
+                if done and pick == eos:
+                    return choices[done[0]]
+                prefix.append(pick)
+                pending.append(pick)
+                alive = [i for i in alive if len(toks[i]) >= len(prefix) and toks[i][len(prefix) - 1] == pick]
 
 
 def serve(model: str = "default", *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
