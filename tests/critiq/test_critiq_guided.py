@@ -224,3 +224,28 @@ def test_flow_with_guided_workers_matches_free_text() -> None:
                     FlowConfig(**cfg, worker_guided_choice=True), kb=kb)
     with pytest.raises(JudgeError, match="guided_choice"):
         no.run(task)
+
+
+def test_long_conversation_keeps_system_message(tiny_backend) -> None:
+    """Over the window the oldest turns go first; the system prompt and the last turn stay."""
+    b = tiny_backend
+    msgs = [{"role": "system", "content": "SYSTEM RULES"}]
+    for k in range(6):
+        msgs += [{"role": "user", "content": f"question {k} " + "q" * 40},
+                 {"role": "assistant", "content": f"answer {k} " + "a" * 40}]
+    msgs.append({"role": "user", "content": "LAST QUESTION"})
+    full = b._template(msgs).shape[1]
+    old = b.max_input_tokens
+    try:
+        b.max_input_tokens = full - 30
+        text = b._tok.decode(b._prompt_ids(msgs)[0])
+        assert text.startswith("<|im_start|>system\nSYSTEM RULES") and "LAST QUESTION" in text
+        assert "question 0" not in text and "question 5" in text
+        assert text.index("<|im_end|>\n<|im_start|>user") < text.index("question")  # starts at a user turn
+        b.max_input_tokens = 12  # one message longer than the window: its end is kept
+        ids = b._prompt_ids(msgs)
+        assert ids.shape[1] == 12 and b._tok.decode(ids[0]).endswith("<|im_start|>assistant\n")
+        b.max_input_tokens = full  # fits: unchanged
+        assert b._prompt_ids(msgs)[0].tolist() == b._template(msgs)[0].tolist()
+    finally:
+        b.max_input_tokens = old

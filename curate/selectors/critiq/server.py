@@ -155,7 +155,7 @@ class LMBackend:
     Args:
         model: ``"default"`` (packaged SmolLM2-135M-Instruct) or a local HF folder.
         device: ``auto`` | ``cpu`` | ``cuda``.
-        max_input_tokens: prompts are left-truncated to this many tokens.
+        max_input_tokens: longer prompts lose their oldest turns (the system message is kept).
     """
 
     def __init__(self, model: str = "default", *, device: str = "auto", dtype: str = "float32",
@@ -177,12 +177,24 @@ class LMBackend:
             self._lm, self._tok = load_causal_lm(self.model_name, device=self.device, dtype=self.dtype)
         return self
 
-    def _prompt_ids(self, messages: list[dict[str, str]]) -> Any:
+    def _template(self, messages: list[dict[str, str]]) -> Any:
         torch = require("torch", "the local judge")
         ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=False)
-        if not torch.is_tensor(ids):
-            ids = ids["input_ids"]
+        return ids if torch.is_tensor(ids) else ids["input_ids"]
+
+    def _prompt_ids(self, messages: list[dict[str, str]]) -> Any:
+        """The templated prompt, at most ``max_input_tokens`` long. A longer conversation loses its
+        oldest turns (a sliding window that keeps the system message and starts at a user turn);
+        a single message longer than the window keeps its end."""
+        ids = self._template(messages)
+        n_sys = 1 if messages and messages[0].get("role") == "system" else 0
+        rest = list(messages[n_sys:])
+        while ids.shape[1] > self.max_input_tokens and len(rest) > 1:
+            rest = rest[1:]
+            while len(rest) > 1 and rest[0].get("role") != "user":
+                rest = rest[1:]
+            ids = self._template(list(messages[:n_sys]) + rest)
         return ids[:, -self.max_input_tokens :].to(self._lm.device)
 
     def __call__(self, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
