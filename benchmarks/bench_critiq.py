@@ -192,6 +192,17 @@ def lenient_vote(raw: str) -> str | None:
     return None
 
 
+def scorer_texts(table: Any, prompt_chars: int) -> tuple[list[str], list[str]]:
+    """(chosen, rejected) texts for the embedding scorer: the instruction cut to ``prompt_chars``
+    characters, then the response, so the response is inside MiniLM's 256-word-piece window."""
+    from curate.schema import texts
+
+    prompts = [p[:prompt_chars] for p in texts(table, "prompt")]
+    fmt = "[Instruction]\n{p}\n\n[Response]\n{r}"
+    return ([fmt.format(p=p, r=r) for p, r in zip(prompts, texts(table, "chosen"), strict=True)],
+            [fmt.format(p=p, r=r) for p, r in zip(prompts, texts(table, "rejected"), strict=True)])
+
+
 # --------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -216,6 +227,9 @@ def main() -> None:
     ap.add_argument("--free-text", dest="guided_choice", action="store_false",
                     help="let workers write free text (the stop-14 run) instead of guided_choice replies")
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the judge server")
+    ap.add_argument("--embed-prompt-chars", type=int, default=300,
+                    help="the scorer embeds the instruction cut to this many characters, then the response "
+                         "(MiniLM reads 256 word pieces; a long instruction would hide the response)")
     ap.add_argument("--cache", default=str(RUNS / "judge.sqlite"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--judge-url", default=None,
@@ -233,7 +247,7 @@ def main() -> None:
     import polars as pl
 
     from curate.io.tables import read_table
-    from curate.selectors.critiq.cli import human_pairs, render_pair_texts
+    from curate.selectors.critiq.cli import human_pairs
     from curate.selectors.critiq.flow import (
         CritiQFlow,
         FlowConfig,
@@ -391,9 +405,9 @@ def main() -> None:
     torch.set_num_threads(1)
 
     hp_t = table[pool_idx[: max(args.human_pool, args.pool_pairs)].tolist()]
-    hp_a, hp_b = render_pair_texts(hp_t)
+    hp_a, hp_b = scorer_texts(hp_t, args.embed_prompt_chars)
     pool_uids = hp_t["uid"].to_list()
-    held_c, held_r = render_pair_texts(held_t)
+    held_c, held_r = scorer_texts(held_t, args.embed_prompt_chars)
     texts_all = hp_a + hp_b + held_c + held_r
     emb = embed_texts(texts_all, model="default", batch_size=32)
     n_hp, n_h = len(hp_a), len(held_c)

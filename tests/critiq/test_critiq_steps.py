@@ -23,7 +23,10 @@ def _write_jsonl(path, rows) -> str:
     return str(path)
 
 
-def test_mine_annotate_score_recipe(tmp_path) -> None:
+@pytest.fixture()
+def code_task(tmp_path):
+    """A pool of 60 synthetic functions (Alpaca JSONL), 30 human pairs of other functions (TRL JSONL,
+    chosen = higher hidden quality), a two-criterion KB; returns (paths, hidden quality, pool ids)."""
     funcs, q = synthetic_functions(120, seed=1)
     pool = list(range(60))
     pool_file = _write_jsonl(tmp_path / "pool.jsonl",
@@ -40,15 +43,29 @@ def test_mine_annotate_score_recipe(tmp_path) -> None:
     kb_file = tmp_path / "kb.json"
     kb_file.write_text(json.dumps([{"name": "docs_kb", "description": "Prefer functions that have a docstring."},
                                    {"name": "speed_kb", "description": "Prefer faster code."}]))
+    return {"pool": pool_file, "pairs": pairs_file, "kb": str(kb_file)}, q, pool
+
+
+def _hidden_index(pool_file: str) -> dict[str, int]:
+    """uid → function number of the pool rows (the hidden quality is indexed by it)."""
+    from curate.io.tables import read_table
+
+    src = read_table(pool_file)
+    return {u: int(p.split("number ")[1].rstrip(".")) for u, p in zip(src["uid"].to_list(), texts(src, "prompt"),
+                                                                      strict=True)}
+
+
+def test_mine_annotate_score_recipe(tmp_path, code_task) -> None:
+    files, q, pool = code_task
     crit, judged = tmp_path / "criteria.json", tmp_path / "pairs.parquet"
     rule = GuidedRule()
     with LocalServer({"rule": rule, "manager": ScriptedManager()}) as srv:
         judge = {"judge_url": srv.url, "judge_model": "rule", "guided_choice": True,
                  "cache": str(tmp_path / "judge.sqlite"), "concurrency": 2}
         raw = {
-            "name": "critiq_steps", "seed": 0, "inputs": [pool_file], "output": str(tmp_path / "runs"),
+            "name": "critiq_steps", "seed": 0, "inputs": [files["pool"]], "output": str(tmp_path / "runs"),
             "steps": [
-                {"use": "critiq_mine", "pairs": pairs_file, "n_pairs": 24, "output": str(crit), "kb": str(kb_file),
+                {"use": "critiq_mine", "pairs": files["pairs"], "n_pairs": 24, "output": str(crit), "kb": files["kb"],
                  "manager_model": "manager", "epochs": 1, "n_criteria": 4, **judge},
                 {"use": "critiq_annotate", "criteria": str(crit), "output": str(judged), "n_buckets": 1, **judge},
                 {"use": "embed", "model": "hashing:512"},
@@ -60,29 +77,23 @@ def test_mine_annotate_score_recipe(tmp_path) -> None:
         again = run_recipe(parse_recipe(raw, base=tmp_path), run_dir=tmp_path / "run")
 
     data = json.loads(crit.read_text())
-    names = [c["name"] for c in data["criteria"]]
-    assert names and all(c["accuracy"] >= 0.75 for c in data["criteria"])
+    assert data["criteria"] and all(c["accuracy"] >= 0.75 for c in data["criteria"])
     assert any("docstring" in c["description"].lower() for c in data["criteria"])
     assert data["config"]["worker_guided_choice"] is True
     assert rule.choices_seen, "the worker was asked with guided_choice"
-    # agent labels follow the hidden quality on pairs whose docstring/hints differ
+    # agent labels follow the hidden quality
     lab = pl.read_parquet(judged)
     assert lab.height >= 10
-    from curate.io.tables import read_table
-
-    src = read_table(pool_file)
-    num = {u: int(p.split("number ")[1].rstrip(".")) for u, p in zip(src["uid"].to_list(), texts(src, "prompt"),
-                                                                      strict=True)}
+    num = _hidden_index(files["pool"])
     agree = [q[num[w]] > q[num[lo]] for w, lo in zip(lab["winner_uid"].to_list(), lab["loser_uid"].to_list(), strict=True)]
     assert np.mean(agree) >= 0.9
     # the selection: 12 rows, clearly better than the pool on the hidden quality
     assert res.n_curated == 12 and res.n_rejected == 48
     cur = pl.read_parquet(tmp_path / "run" / "curated.parquet")
-    chosen_q = np.mean([q[num[u]] for u in cur["uid"].to_list()])
-    assert chosen_q > np.mean(q[pool]) + 0.5
+    assert np.mean([q[num[u]] for u in cur["uid"].to_list()]) > np.mean(q[pool]) + 0.5
     rej = pl.read_parquet(tmp_path / "run" / "rejected.parquet")
     assert rej.height == 48 and (rej["reason"].str.len_chars() > 0).all()
-    # a rerun skips every step and gives the same subset
+    # a rerun gives the same subset
     assert pl.read_parquet(again.run_dir / "curated.parquet")["uid"].to_list() == cur["uid"].to_list()
 
 
@@ -97,3 +108,39 @@ def test_step_parameters_validated_at_load() -> None:
         CritiQAnnotate(judge_url="http://x/v1")
     with pytest.raises(ParameterError, match="guided_choice"):
         CritiQAnnotate(criteria="c.json", judge_url="http://x/v1", guided_choice="yes")
+
+
+def test_cli_mine_annotate_score(tmp_path, code_task) -> None:
+    """The three verbs of the issue's CLI contract, chained through their files, with --json."""
+    from click.testing import CliRunner
+
+    from curate.cli import cli
+    from curate.io.tables import read_table
+    from curate.io.writers import write_parquet
+
+    files, q, pool = code_task
+    human_pq, pool_pq = tmp_path / "human.parquet", tmp_path / "pool.parquet"
+    write_parquet(read_table(files["pairs"]), human_pq)
+    write_parquet(read_table(files["pool"]), pool_pq)
+    crit, judged, out = tmp_path / "c.json", tmp_path / "judged.parquet", tmp_path / "out"
+    runner = CliRunner()
+    with LocalServer({"rule": GuidedRule(), "manager": ScriptedManager()}) as srv:
+        common = ["--judge-url", srv.url, "--judge-model", "rule", "--cache", str(tmp_path / "j.sqlite"), "--json"]
+        r = runner.invoke(cli, ["critiq", "mine", str(human_pq), "-o", str(crit), "--manager-model", "manager",
+                                "--kb", files["kb"], "--epochs", "1", "--n-criteria", "4", "--guided-choice", *common])
+        assert r.exit_code == 0, r.output
+        mined = json.loads(r.output.strip().splitlines()[-1])
+        assert mined["n_pairs"] == 30 and mined["criteria"] and crit.exists()
+        r = runner.invoke(cli, ["critiq", "annotate", str(pool_pq), "--criteria", str(crit), "-o", str(judged),
+                                "--n-buckets", "1", "--guided-choice", *common])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output.strip().splitlines()[-1])["n_labelled"] == pl.read_parquet(judged).height > 0
+    r = runner.invoke(cli, ["critiq", "score", str(pool_pq), "--pairs", str(judged), "-o", str(out), "--budget", "12",
+                            "--temperature", "0.01", "--embed-model", "hashing:512", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["n_kept"] == 12
+    num = _hidden_index(files["pool"])
+    sel = pl.read_parquet(out / "curated.parquet")
+    assert sel.height == 12 and pl.read_parquet(out / "rejected.parquet").height == 48
+    assert np.mean([q[num[u]] for u in sel["uid"].to_list()]) > np.mean(q[pool]) + 0.5
