@@ -43,5 +43,10 @@ def test_default_model_answers_chat_completion() -> None:
         msgs = [{"role": "user", "content": "Say hello."}]
         a = j.chat(msgs, temperature=0.0, max_tokens=8, seed=0)
         b = j.chat(msgs, temperature=0.0, max_tokens=8, seed=0)
+        from curate.selectors.critiq.flow import WORKER_CHOICES
+
+        g = [j.chat(msgs, temperature=t, max_tokens=8, seed=s, guided_choice=list(WORKER_CHOICES))
+             for t, s in ((0.0, 0), (0.0, 1), (1.0, 3))]
     assert isinstance(a, str) and a.strip() and a == b  # greedy decoding is deterministic
     json.dumps(a)
+    assert all(x in WORKER_CHOICES for x in g) and g[0] == g[1]  # greedy ignores the seed
