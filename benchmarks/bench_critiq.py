@@ -4,9 +4,12 @@
    the reader), seeded shuffle: ``--n-mine`` pairs to mine criteria from, a disjoint held-out set of
    ``--n-heldout`` pairs, and a disjoint pool of ``--pool-pairs`` pairs for agent annotation.
 2. Start ``curate judge serve`` (packaged SmolLM2-135M-Instruct) as a subprocess on a free port of
-   127.0.0.1 with one torch thread, wait for ``/v1/models``, stop it at the end (also on error).
+   127.0.0.1 (``--server-threads`` torch threads), wait for ``/v1/models``, stop it at the end
+   (also on error).
 3. Mine criteria with the real :class:`CritiQFlow` (knowledge-base slice, warm-up, epochs), every
-   call cached in ``runs/critiq/judge.sqlite`` so reruns are free.
+   call cached in ``runs/critiq/judge.sqlite`` so reruns are free. Workers answer with
+   ``guided_choice`` (one of the valid JSON replies) unless ``--free-text``; the manager always
+   writes free text.
 4. Held-out agreement with the human label:
    - Flow: majority vote of the final criteria (or, clearly labelled, the best criteria found when
      none reaches 0.75);
@@ -14,19 +17,20 @@
      embeddings is trained on the agent labels, then score(chosen) > score(rejected);
    - single prompt: the same model asked once "which is better, A or B?" per pair, in both orders.
    Reference points without the judge: the same Bradley–Terry scorer trained on the pool's human
-   labels (ceiling of the embedding scorer), and "the longer response wins".
+   labels (ceiling of the embedding scorer), and "the longer response wins". ``--logit-diagnostic``
+   adds a position-debiased reading of the local model's A/B logits.
 
 Accuracy is over non-abstentions; abstention (no vote, a vote tie, an invalid reply, or two orders
 that disagree) is reported separately with n.
 
     .venv/bin/python benchmarks/bench_critiq.py --quick
-    .venv/bin/python benchmarks/bench_critiq.py
-    .venv/bin/python benchmarks/bench_critiq.py --n-mine 12      # the run in RESULTS_NOTES.md
+    .venv/bin/python benchmarks/bench_critiq.py --kb-size 8 --n-criteria 3 --server-threads 2   # recorded
+    .venv/bin/python benchmarks/bench_critiq.py --n-mine 12 --free-text      # stop 14's free-text run
     .venv/bin/python benchmarks/bench_critiq.py --judge-url http://HOST:8000/v1 --judge-model NAME
 
-On one shared CPU core the manager warm-up (one conversation, one turn per mining pair, re-read in
-full every turn up to the server's 4,096-token window) costs about 2 minutes per turn once the
-conversation is long; 30 turns did not fit the time box, hence ``--n-mine 12`` for the recorded run.
+The recorded 30-pair run takes about 23 minutes on an idle 2-core machine (≈ 2.5 s per worker
+judgment). Without guided choice the Flow also needs the manager warm-up (one conversation, one
+turn per mining pair), about 2 minutes per turn on a shared core once the conversation is long.
 """
 
 from __future__ import annotations
@@ -192,6 +196,40 @@ def lenient_vote(raw: str) -> str | None:
     return None
 
 
+def logit_diagnostic(pairs: list[Any], criteria: list[Any], max_chars: int) -> dict[str, Any]:
+    """Is there a preference signal under the position bias? For each held-out pair, d = logit(A) −
+    logit(B) of the first diverging token after ``{"answer": "``, in both orders; the debiased vote
+    is A when d(original) > d(swapped). Single prompt and the first criterion used (diagnostic:
+    greedy guided replies only see the sign of d in one order)."""
+    import torch
+
+    from curate.selectors.critiq.flow import single_prompt_messages, worker_messages
+    from curate.selectors.critiq.server import LMBackend
+
+    torch.set_num_threads(1)
+    b = LMBackend("default", device="cpu").load()
+    common = b.choice_tokens(['{"answer": "'])[0]
+    tok_a, tok_b = b.choice_tokens(["A"])[0][0], b.choice_tokens(["B"])[0][0]
+
+    def d(msgs: list[dict[str, str]]) -> float:
+        ids = b._prompt_ids(msgs)[0].tolist() + common
+        with torch.no_grad():
+            lg = b._lm(torch.tensor([ids])).logits[0, -1].double()
+        return float(lg[tok_a] - lg[tok_b])
+
+    out: dict[str, Any] = {}
+    makers = [("single_prompt", lambda p: single_prompt_messages(p, None, max_chars))]
+    makers += [(f"criterion:{c.name}", lambda p, c=c: worker_messages(c, p, max_chars)) for c in criteria]
+    answers = [p.answer for p in pairs]
+    for name, make in makers:
+        d1 = [d(make(p)) for p in pairs]
+        d2 = [d(make(p.swapped())) for p in pairs]
+        votes = ["A" if x > y else ("B" if x < y else None) for x, y in zip(d1, d2, strict=True)]
+        out[name] = {**agreement(votes, answers), "share_d_positive": round(float(np.mean(np.array(d1 + d2) > 0)), 4),
+                     "mean_d": round(float(np.mean(d1 + d2)), 3)}
+    return out
+
+
 def scorer_texts(table: Any, prompt_chars: int) -> tuple[list[str], list[str]]:
     """(chosen, rejected) texts for the embedding scorer: the instruction cut to ``prompt_chars``
     characters, then the response, so the response is inside MiniLM's 256-word-piece window."""
@@ -227,6 +265,9 @@ def main() -> None:
     ap.add_argument("--free-text", dest="guided_choice", action="store_false",
                     help="let workers write free text (the stop-14 run) instead of guided_choice replies")
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the judge server")
+    ap.add_argument("--logit-diagnostic", action="store_true",
+                    help="after the run, load the judge model in-process and read its A-vs-B logit in both "
+                         "orders on the held-out pairs (position-debiased signal; local model only)")
     ap.add_argument("--embed-prompt-chars", type=int, default=300,
                     help="the scorer embeds the instruction cut to this many characters, then the response "
                          "(MiniLM reads 256 word pieces; a long instruction would hide the response)")
@@ -395,6 +436,12 @@ def main() -> None:
         judge_stats = {"worker": worker.stats.as_dict(), "manager": manager.stats.as_dict()}
         cache.close()
     # the server is stopped here
+
+    if args.logit_diagnostic and not args.judge_url:
+        t0 = time.perf_counter()
+        metrics["logit_diagnostic"] = logit_diagnostic(held_pairs, criteria[:1], args.max_chars)
+        timings["logit_diagnostic_s"] = round(time.perf_counter() - t0, 1)
+        print(f"[logit] {metrics['logit_diagnostic']}", flush=True)
 
     # 3b'. Bradley–Terry scorers on MiniLM embeddings (no judge needed)
     t0 = time.perf_counter()
