@@ -35,21 +35,34 @@ from curate.pipeline.registry import register_step
 from curate.pipeline.step import StepContext
 
 
-def _check_common(owner: str, judge_url: str, concurrency: int, max_tokens: int, guided_choice: bool) -> None:
-    if not isinstance(judge_url, str) or not judge_url.startswith(("http://", "https://")):
-        raise param_error(owner, "judge_url", "an http(s) base URL of an OpenAI-compatible endpoint", judge_url)
-    for name, v in (("concurrency", concurrency), ("max_tokens", max_tokens)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise param_error(owner, name, "an integer >= 1", v)
-    if not isinstance(guided_choice, bool):
-        raise param_error(owner, "guided_choice", "true or false", guided_choice)
+@dataclass(frozen=True, kw_only=True)
+class _JudgeParams:
+    """Parameters shared by the steps that call a judge (the same as the CLI verbs' options)."""
 
+    judge_url: str = ""
+    judge_model: str = "smollm2-135m-instruct"
+    max_tokens: int = 1024
+    guided_choice: bool = False
+    cache: str = ".curate_cache/judge.sqlite"
+    concurrency: int = 4
+    api_key_env: str = "OPENAI_API_KEY"
 
-def _session(url: str, model: str, cache: str, api_key_env: str, concurrency: int) -> Any:
-    from curate.selectors.critiq.judge import JudgeSession, OpenAICompatJudge
+    def _check_judge(self, owner: str) -> None:
+        if not isinstance(self.judge_url, str) or not self.judge_url.startswith(("http://", "https://")):
+            raise param_error(owner, "judge_url", "an http(s) base URL of an OpenAI-compatible endpoint",
+                              self.judge_url)
+        for name in ("concurrency", "max_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise param_error(owner, name, "an integer >= 1", v)
+        if not isinstance(self.guided_choice, bool):
+            raise param_error(owner, "guided_choice", "true or false", self.guided_choice)
 
-    return JudgeSession(OpenAICompatJudge(url, model, api_key_env=api_key_env, max_concurrency=concurrency),
-                        cache or None)
+    def _session(self, url: str | None = None, model: str | None = None, concurrency: int | None = None) -> Any:
+        from curate.selectors.critiq.cli import _session
+
+        return _session(url or self.judge_url, model or self.judge_model, self.cache or None,  # type: ignore[arg-type]
+                        self.api_key_env, concurrency or self.concurrency)
 
 
 def _keep_all(table: pl.DataFrame) -> pl.DataFrame:
@@ -64,7 +77,7 @@ def _out_path(output: str, ctx: StepContext, default: str) -> Path:
 
 @register_step("critiq_mine")
 @dataclass(frozen=True, kw_only=True)
-class CritiQMine:
+class CritiQMine(_JudgeParams):
     """Mine quality criteria from human preference pairs with the CritiQ Flow (Guo et al., ACL 2025,
     arXiv 2502.19279; specs/critiq.md §3). Keeps every row of the table.
 
@@ -85,19 +98,12 @@ class CritiQMine:
     pairs: str = ""
     n_pairs: int | None = None
     output: str = ""
-    judge_url: str = ""
-    judge_model: str = "smollm2-135m-instruct"
     manager_url: str | None = None
     manager_model: str | None = None
     kb: str | None = None
     epochs: int = 3
     n_criteria: int = 20
     max_llm_calls: int | None = None
-    max_tokens: int = 1024
-    guided_choice: bool = False
-    cache: str = ".curate_cache/judge.sqlite"
-    concurrency: int = 4
-    api_key_env: str = "OPENAI_API_KEY"
 
     def __post_init__(self) -> None:
         if not isinstance(self.pairs, str) or not self.pairs:
@@ -105,7 +111,7 @@ class CritiQMine:
         if self.n_pairs is not None and (isinstance(self.n_pairs, bool) or not isinstance(self.n_pairs, int)
                                          or self.n_pairs < 1):
             raise param_error("critiq_mine", "n_pairs", "an integer >= 1 or null", self.n_pairs)
-        _check_common("critiq_mine", self.judge_url, self.concurrency, self.max_tokens, self.guided_choice)
+        self._check_judge("critiq_mine")
 
     def apply(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         import numpy as np
@@ -123,9 +129,8 @@ class CritiQMine:
             order = np.random.default_rng(ctx.seed).permutation(human.height)[: self.n_pairs]
             human = human[sorted(order.tolist())]
         pairs = human_pairs(human)
-        worker = _session(self.judge_url, self.judge_model, self.cache, self.api_key_env, self.concurrency)
-        manager = _session(self.manager_url or self.judge_url, self.manager_model or self.judge_model, self.cache,
-                           self.api_key_env, 1)
+        worker = self._session()
+        manager = self._session(self.manager_url, self.manager_model, 1)
         kb = [] if self.kb == "none" else load_kb(self.kb)
         cfg = FlowConfig(n_criteria=self.n_criteria, epochs=self.epochs, max_llm_calls=self.max_llm_calls,
                          seed=ctx.seed, max_workers=self.concurrency, worker_max_tokens=self.max_tokens,
@@ -140,7 +145,7 @@ class CritiQMine:
 
 @register_step("critiq_annotate")
 @dataclass(frozen=True, kw_only=True)
-class CritiQAnnotate:
+class CritiQAnnotate(_JudgeParams):
     """Label length-bucketed random pairs of the table's rows by majority vote over mined criteria
     (specs/critiq.md §7); writes the judged-pairs parquet the ``critiq`` selector trains on. Keeps
     every row. Resumable through the judge cache.
@@ -153,20 +158,15 @@ class CritiQAnnotate:
 
     criteria: str = ""
     output: str = ""
-    judge_url: str = ""
-    judge_model: str = "smollm2-135m-instruct"
     n_pairs: int | None = None
     n_buckets: int = 10
-    max_tokens: int = 1024
-    guided_choice: bool = False
-    cache: str = ".curate_cache/judge.sqlite"
-    concurrency: int = 4
-    api_key_env: str = "OPENAI_API_KEY"
 
     def __post_init__(self) -> None:
         if not isinstance(self.criteria, str) or not self.criteria:
             raise param_error("critiq_annotate", "criteria", "the path of a criteria JSON", self.criteria)
-        _check_common("critiq_annotate", self.judge_url, self.concurrency, self.max_tokens, self.guided_choice)
+        self._check_judge("critiq_annotate")
+        if isinstance(self.n_buckets, bool) or not isinstance(self.n_buckets, int) or self.n_buckets < 1:
+            raise param_error("critiq_annotate", "n_buckets", "an integer >= 1", self.n_buckets)
 
     def apply(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         from curate.io.writers import write_parquet
@@ -175,7 +175,7 @@ class CritiQAnnotate:
 
         t0 = time.time()
         criteria = load_criteria(self.criteria)
-        worker = _session(self.judge_url, self.judge_model, self.cache, self.api_key_env, self.concurrency)
+        worker = self._session()
         out = annotate_table(table, criteria, worker, n_pairs=self.n_pairs, n_buckets=self.n_buckets, seed=ctx.seed,
                              max_workers=self.concurrency, max_tokens=self.max_tokens,
                              guided_choice=self.guided_choice)
