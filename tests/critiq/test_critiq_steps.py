@@ -136,10 +136,10 @@ def test_cli_mine_annotate_score(tmp_path, code_task) -> None:
         assert r.exit_code == 0, r.output
         assert json.loads(r.output.strip().splitlines()[-1])["n_labelled"] == pl.read_parquet(judged).height > 0
     r = runner.invoke(cli, ["critiq", "score", str(pool_pq), "--pairs", str(judged), "-o", str(out), "--budget", "12",
-                            "--temperature", "0.01", "--embed-model", "hashing:512", "--json"])
+                            "--temperature", "0.01", "--embed-model", "hashing:512", "--field", "response", "--json"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output.strip().splitlines()[-1])
-    assert summary["n_kept"] == 12
+    assert summary["n_kept"] == 12 and summary["field"] == "response"
     num = _hidden_index(files["pool"])
     sel = pl.read_parquet(out / "curated.parquet")
     assert sel.height == 12 and pl.read_parquet(out / "rejected.parquet").height == 48

@@ -15,7 +15,7 @@ from typing import Any
 import click
 import polars as pl
 
-from curate.schema import texts, validate_table
+from curate.schema import TEXT_FIELDS, texts, validate_table
 
 
 def _read(path: str) -> pl.DataFrame:
@@ -178,10 +178,12 @@ def annotate_cmd(in_path: str, criteria_path: str, output: str, n_pairs: int | N
 @click.option("--temperature", default=1.0, show_default=True, type=float)
 @click.option("--scorer", default="embedding_linear", show_default=True)
 @click.option("--embed-model", default="default", show_default=True, help="'default' (MiniLM), 'hashing' or a folder.")
+@click.option("--field", default="prompt+response", show_default=True, type=click.Choice(TEXT_FIELDS),
+              help="Text the scorer embeds (MiniLM reads 256 word pieces: 'response' when prompts are long).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True)
 def score_cmd(in_path: str, pairs_path: str, out_dir: str, budget: str, temperature: float, scorer: str,
-              embed_model: str, seed: int, as_json: bool) -> None:
+              embed_model: str, field: str, seed: int, as_json: bool) -> None:
     """Train the Bradley–Terry scorer on judged pairs, score every row, select by Gumbel top-k."""
     import numpy as np
 
@@ -194,7 +196,7 @@ def score_cmd(in_path: str, pairs_path: str, out_dir: str, budget: str, temperat
     t0 = time.time()
     table = _read(in_path)
     sel = CritiqSelector(pairs=pairs_path, scorer=scorer, temperature=temperature)
-    emb = embed_texts(texts(table, "prompt+response"), model=embed_model)
+    emb = embed_texts(texts(table, field), model=embed_model)
     fs = FeatureSet("embed", np.asarray(table["uid"].to_list(), dtype=object), emb, {"model": embed_model})
     res = sel.select(table, {"embed": fs}, budget, seed=seed)
     out = Path(out_dir)
@@ -204,7 +206,7 @@ def score_cmd(in_path: str, pairs_path: str, out_dir: str, budget: str, temperat
     write_parquet(res.frame, out / "scores.parquet")
     write_parquet(joined.filter(pl.col("critiq__keep")), out / "curated.parquet")
     write_parquet(joined.filter(~pl.col("critiq__keep")), out / "rejected.parquet")
-    summary = {"output": str(out), "n_in": table.height, "n_kept": res.n_kept, "params": res.params,
+    summary = {"output": str(out), "n_in": table.height, "n_kept": res.n_kept, "field": field, "params": res.params,
                "diagnostics": res.diagnostics, "seconds": round(time.time() - t0, 2)}
     atomic_write_json(out / "manifest.json", summary)
     _emit(as_json, summary)
