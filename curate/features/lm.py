@@ -20,8 +20,10 @@ import importlib.metadata
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,12 +80,14 @@ def default_model_path() -> Path:
     folder = cache_root() / "models" / f"{DEFAULT_NAME}-{key}"
     if _model_dir_ok(folder):
         if not (folder / "tokenizer_config.json").exists():  # a cache written before the tokenizer was kept
-            _save_gguf_tokenizer(gguf, folder)
+            with quiet_transformers_bars():
+                _save_gguf_tokenizer(gguf, folder)
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        _convert_gguf(gguf, tmp)
+        with quiet_transformers_bars():
+            _convert_gguf(gguf, tmp)
         (tmp / "DONE").write_text(json.dumps({"source": str(gguf), "size": st.st_size}))
         try:
             os.replace(tmp, folder)
@@ -95,6 +99,22 @@ def default_model_path() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+@contextmanager
+def quiet_transformers_bars() -> Iterator[None]:
+    """Silence transformers' own progress bars ("Loading weights", GGUF conversion, shard writing)
+    while stderr is not a terminal, so logs and run.log stay readable; restored afterwards."""
+    tr = require("transformers", "the causal LM")
+    hf_logging = tr.utils.logging
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _save_gguf_tokenizer(gguf: Path, folder: Path) -> None:
@@ -184,8 +204,9 @@ def load_causal_lm(
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    lm = tr.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    tok = tr.AutoTokenizer.from_pretrained(str(path))
+    with quiet_transformers_bars():
+        lm = tr.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        tok = tr.AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

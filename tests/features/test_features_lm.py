@@ -149,3 +149,21 @@ def test_response_starting_with_newline_keeps_a_clean_boundary_on_the_real_token
     labelled = [t for t in enc.labels if t != -100]
     assert "Roses are red." in tok.decode(labelled)
     assert "Write a poem" not in tok.decode(labelled)
+
+
+def test_loading_prints_no_transformers_bars_off_a_terminal(tmp_path, capfd) -> None:
+    """run.log and piped output stay free of transformers' "Loading weights" bars; the global
+    setting is restored afterwards."""
+    import transformers
+
+    from curate.features.lm import load_causal_lm
+    from curate.features.tiny import tiny_llama, tiny_tokenizer
+
+    tiny_llama(dtype="float32").save_pretrained(str(tmp_path))
+    tiny_tokenizer().save_pretrained(str(tmp_path))
+    capfd.readouterr()
+    assert transformers.utils.logging.is_progress_bar_enabled()
+    load_causal_lm(str(tmp_path), device="cpu")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err
+    assert transformers.utils.logging.is_progress_bar_enabled()
