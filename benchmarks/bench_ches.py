@@ -1,5 +1,6 @@
 """CHES + reference log-prob margin throughput on SmolLM2-135M (CPU): batched (left padding, LM head on the
-response window only) vs one pair at a time (the reference script's mode), with identical scores.
+response window only) and shared-prompt (``padding="prefix"``: the prompt once per pair, both responses
+on its KV cache) vs one pair at a time (the reference script's mode), with identical scores.
 
 One forward pass per response yields both the CHES hidden-state sums and the response log-prob used by
 the margin, so "pairs/s" covers both diagnostics. Pairs: the first ``--n`` hh-rlhf harmless test pairs
@@ -44,7 +45,10 @@ def main() -> None:
         one = pair_states(model, pairs, padding="none", pad_token_id=tok.pad_token_id)
     with timer() as t_bat:
         bat = pair_states(model, pairs, batch_size=args.batch_size, padding="left", pad_token_id=tok.pad_token_id)
-    a, b = ches_table(one), ches_table(bat)
+    with timer() as t_pre:
+        pre = pair_states(model, pairs, padding="prefix", pad_token_id=tok.pad_token_id)
+    a, b, c = ches_table(one), ches_table(bat), ches_table(pre)
+    n_tokens_prefix = sum(len(p[0].prompt) + len(p[0].response) + len(p[1].response) for p in pairs)
     rel = float(np.max(np.abs(a["ln_ches"] - b["ln_ches"]) / (np.abs(a["ln_ches"]) + 1e-12)))
     ra, rb = np.argsort(a["ln_ches"], kind="stable"), np.argsort(b["ln_ches"], kind="stable")
     record("ches", vars(args), {
@@ -56,9 +60,15 @@ def main() -> None:
         "max_rel_diff_ln_ches": rel,
         "max_abs_diff_logp": float(np.max(np.abs(a["logp_chosen"] - b["logp_chosen"]))),
         "same_order": bool((ra == rb).all()),
+        "pairs_per_s_shared_prompt": len(pairs) / t_pre["seconds"],
+        "speedup_shared_prompt": t_one["seconds"] / t_pre["seconds"],
+        "tokens_through_model_shared_prompt": n_tokens_prefix,
+        "max_rel_diff_ln_ches_shared_prompt": float(np.max(np.abs(a["ln_ches"] - c["ln_ches"])
+                                                          / (np.abs(a["ln_ches"]) + 1e-12))),
+        "same_order_shared_prompt": bool((ra == np.argsort(c["ln_ches"], kind="stable")).all()),
         "peak_rss_mb": peak_rss_mb(),
     }, notes="float32 model; batched = left padding + explicit position ids + logits_to_keep; "
-             "shared 2-core machine, other jobs running")
+             "shared prompt = padding='prefix'")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import os
 import shutil
@@ -99,6 +100,12 @@ def default_model_path() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def cache_argument(model: Any) -> str:
+    """The keyword a model's ``forward`` takes its KV cache by: ``cache`` (transformers 5) or
+    ``past_key_values`` (transformers 4); model outputs carry the cache under the same name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @contextmanager

@@ -26,7 +26,9 @@ Where we deviate from the reference code (``princeton-nlp/unintentional-unalignm
   every row's response positions sit at the end of the batch, so the LM head runs only on the last
   ``max R + 1`` positions (``logits_to_keep``). ``padding="right"`` (per-row positions, the spec's batched
   mode) and ``padding="none"`` (one example at a time, the reference default) give the same numbers
-  (tests: 1e-10 in float64).
+  (tests: 1e-10 in float64). ``padding="prefix"`` (pairs only) runs the shared prompt once per pair
+  and both responses as one batch of two on its KV cache: the same numbers (tests: 1e-10), and fewer
+  tokens through the model when prompts are long (multi-turn hh-rlhf).
 - Truncation (``max_length``): when prompt + response is too long the response keeps at most
   ``max_length - min(P, max_length // 2)`` tokens and the prompt is cut from the left. The reference
   truncates the concatenated sequence from the right.
@@ -57,6 +59,7 @@ from curate.selectors.base import BaseSelector, Choice, SelectContext, check_cho
 FEATURE = "ches/states"
 MEASURES = ("ln_ches", "ches")
 PADDINGS = ("left", "right", "none")
+PAIR_PADDINGS = (*PADDINGS, "prefix")
 KEPT_LOW = "kept_low_ches"
 DROPPED_HIGH = "dropped_high_ches"
 NO_RESPONSE = "no_response_tokens"
@@ -302,9 +305,103 @@ def _left_pad_mask(mask: Any, dtype: Any) -> Any:
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def _shared_prompt_states(model: Any, pairs: Sequence[tuple[SideIds, SideIds]], pad_token_id: int | None,
+                          progress: bool = False) -> np.ndarray:
+    """``ches/states`` values of pairs whose two sides share their prompt (and have response tokens):
+    one forward pass over the prompt, then both responses as a right-padded batch of two on its KV
+    cache (one response when both are the same, so identical responses give exactly equal sums)."""
+    torch = require("torch", "CHES")
+    from curate.features.lm import cache_argument
+
+    cache_arg = cache_argument(model)
+    head = model.get_output_embeddings()
+    d = int(head.in_features) if hasattr(head, "in_features") else int(model.config.hidden_size)
+    pad = pad_token_id if pad_token_id is not None else (getattr(model.config, "pad_token_id", None) or 0)
+    dev = model.device
+    out = np.zeros((len(pairs), 2, d + 2), dtype=np.float64)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pairs), desc="hidden states (shared prompts)")
+    cap = _Capture(model)
+    try:
+        for k, (chosen, rejected) in enumerate(pairs):
+            prompt = list(chosen.prompt)
+            n_p = len(prompt)
+            with torch.no_grad():
+                first = model(input_ids=torch.tensor([prompt], device=dev), use_cache=True)
+            h_last, logit_last = cap.value[0, -1:], first.logits[0, -1:]
+            same = list(chosen.response) == list(rejected.response)
+            resp = [list(chosen.response)] if same else [list(chosen.response), list(rejected.response)]
+            conts = [r[:-1] for r in resp]  # the inputs that predict response tokens 2..R
+            width = max(len(c) for c in conts)
+            if width:
+                cache = getattr(first, cache_arg)
+                if len(resp) == 2:
+                    cache.batch_repeat_interleave(2)
+                ids = torch.full((len(resp), width), int(pad), dtype=torch.long)
+                mask = torch.zeros((len(resp), n_p + width), dtype=torch.long)
+                mask[:, :n_p] = 1
+                for b, c in enumerate(conts):
+                    ids[b, : len(c)] = torch.tensor(c, dtype=torch.long)
+                    mask[b, n_p : n_p + len(c)] = 1
+                pos = (n_p + torch.arange(width))[None].expand(len(resp), width)
+                with torch.no_grad():
+                    rest = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                                 use_cache=True, **{cache_arg: cache})
+                h_rest, logits_rest = cap.value, rest.logits
+            for b, r in enumerate(resp):
+                n_r = len(r)
+                hs = h_last if n_r == 1 else torch.cat([h_last, h_rest[b, : n_r - 1]])
+                lg = logit_last if n_r == 1 else torch.cat([logit_last, logits_rest[b, : n_r - 1]])
+                lp = torch.log_softmax(lg.double(), dim=-1)
+                tgt = torch.tensor(r, dtype=torch.long, device=lp.device)[:, None]
+                row = [n_r, float(lp.gather(1, tgt).sum()), *hs.double().sum(0).cpu().numpy()]
+                for side in ((0, 1) if same else (b,)):
+                    out[k, side] = row
+            if bar is not None:
+                bar.update(1)
+    finally:
+        cap.close()
+        if bar is not None:
+            bar.close()
+    if not np.isfinite(out).all():
+        bad = int(np.argmax(~np.isfinite(out).reshape(len(pairs), -1).all(axis=1)))
+        raise SchemaError("non-finite hidden-state sum or log-prob.", line=bad + 1,
+                          expected="finite values (run the model in float32 or bf16, not float16)")
+    return out
+
+
 def pair_states(model: Any, pairs: Sequence[tuple[SideIds, SideIds]], *, batch_size: int = 8,
                 padding: str = "left", pad_token_id: int | None = None, progress: bool = False) -> np.ndarray:
-    """The ``ches/states`` layout (n, 2, d + 2) for ``pairs`` (see the module docstring)."""
+    """The ``ches/states`` layout (n, 2, d + 2) for ``pairs`` (see the module docstring).
+
+    ``padding="prefix"`` shares each pair's prompt (KV cache); pairs whose sides have different
+    (truncated) prompts or no response tokens go through the left-padded path.
+    """
+    if padding not in PAIR_PADDINGS:
+        raise param_error("pair_states", "padding", f"one of {PAIR_PADDINGS}", padding)
+    if padding == "prefix":
+        shared = [k for k, (a, b) in enumerate(pairs)
+                  if list(a.prompt) == list(b.prompt) and a.prompt and a.response and b.response]
+        other = sorted(set(range(len(pairs))) - set(shared))
+        vals: np.ndarray | None = None
+        if shared:
+            vals_shared = _shared_prompt_states(model, [pairs[k] for k in shared], pad_token_id, progress)
+            vals = np.zeros((len(pairs), *vals_shared.shape[1:]), dtype=np.float64)
+            vals[shared] = vals_shared
+        if other:
+            vals_other = pair_states(model, [pairs[k] for k in other], batch_size=batch_size, padding="left",
+                                     pad_token_id=pad_token_id, progress=progress)
+            if vals is None:
+                vals = np.zeros((len(pairs), *vals_other.shape[1:]), dtype=np.float64)
+            vals[other] = vals_other
+        if vals is None:
+            head = model.get_output_embeddings()
+            d = int(head.in_features) if hasattr(head, "in_features") else int(model.config.hidden_size)
+            vals = np.zeros((0, 2, d + 2), dtype=np.float64)
+        return vals
     seqs = [s for pair in pairs for s in pair]
     # identical (prompt, response) sequences are computed once, so identical responses give exactly 0
     first: dict[tuple[int, tuple[int, ...]], int] = {}
@@ -354,7 +451,7 @@ def ches_features(
         append_eos: append EOS to responses (must match the preference trainer); recorded in ``meta``.
         max_length: token cap per (prompt, response) sequence (None: no truncation).
         batch_size: sequences per forward pass.
-        padding: ``left`` (default) | ``right`` | ``none`` (all give the same values).
+        padding: ``left`` (default) | ``right`` | ``none`` | ``prefix`` (all give the same values).
         device, dtype: for loading a model by name.
         progress: progress bar.
     """
@@ -540,6 +637,9 @@ class ChesStates:
         batch_size: sequences per forward pass.
         device: ``auto`` | ``cpu`` | ``cuda``.
         dtype: ``float32`` | ``bfloat16`` | ``float64``.
+        padding: ``auto`` (``prefix`` on CPU: each prompt once, both responses on its KV cache,
+            1.16x the left-padded batches on hh-rlhf; ``left`` batches on CUDA) or any of
+            ``left`` | ``right`` | ``none`` | ``prefix``; all give the same values.
     """
 
     model: str = "default"
@@ -548,6 +648,7 @@ class ChesStates:
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "float32"
+    padding: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -561,14 +662,20 @@ class ChesStates:
             raise param_error("step 'ches_states'", "batch_size", "an integer >= 1", self.batch_size)
         check_choice("step 'ches_states'", "device", self.device, ("auto", "cpu", "cuda"))
         check_choice("step 'ches_states'", "dtype", self.dtype, ("float32", "bfloat16", "float64"))
+        check_choice("step 'ches_states'", "padding", self.padding, ("auto", *PAIR_PADDINGS))
 
     def apply(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         reasons = pair_problems(table)
         ok = [r == "" for r in reasons]
         sub = table.filter(pl.Series(ok))
         device = ctx.device if self.device == "auto" else self.device
+        padding = self.padding
+        if padding == "auto":
+            from curate.features.lm import resolve_device
+
+            padding = "left" if resolve_device(device).startswith("cuda") else "prefix"
         fs = ches_features(sub, model=self.model, store=ctx.features, append_eos=self.append_eos,
-                           max_length=self.max_length, batch_size=self.batch_size, device=device,
+                           max_length=self.max_length, batch_size=self.batch_size, padding=padding, device=device,
                            dtype=self.dtype, progress=ctx.progress)
         ctx.stats["ches_states"] = {"n_pairs": len(fs), "dim": fs.meta.get("dim"),
                                     "n_truncated": fs.meta.get("n_truncated")}

@@ -144,6 +144,33 @@ def test_batched_equals_unbatched(which, request):
         assert (got.counts == ref.counts).all()
 
 
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_shared_prompt_prefix_equals_unbatched(which, request):
+    """padding="prefix": one prompt pass per pair and both responses on its KV cache give the values
+    of one-at-a-time full forwards; identical responses stay exactly equal; pairs with different
+    prompts or an empty side fall back and still match."""
+    model = request.getfixturevalue(which)
+    rng = np.random.default_rng(7)
+    pairs = []
+    for k in range(9):
+        prompt = _seq(rng, int(rng.integers(2, 12)))
+        a, b = _seq(rng, int(rng.integers(1, 9))), _seq(rng, int(rng.integers(1, 9)))
+        if k == 1:
+            b = list(a)  # identical responses
+        if k == 2:
+            a, b = [a[0]], [b[0]]  # one-token responses: no continuation pass
+        if k == 3:
+            a = [a[0]]  # one side one token, the other longer
+        pairs.append((SideIds(prompt, a), SideIds(prompt if k != 4 else prompt[1:], b)))  # k=4: prompts differ
+    pairs.append((SideIds(_seq(rng, 4), []), SideIds(_seq(rng, 4), _seq(rng, 3))))  # an empty side
+    ref = pair_states(model, pairs, padding="none", pad_token_id=99)
+    got = pair_states(model, pairs, padding="prefix", pad_token_id=99)
+    np.testing.assert_allclose(got, ref, atol=1e-10, rtol=0)
+    assert (got[1, 0] == got[1, 1]).all()
+    with pytest.raises(Exception, match="padding"):
+        pair_states(model, pairs, padding="middle")
+
+
 def test_left_padding_without_position_ids_changes_gpt2(gpt2):
     """Why the position-id rule exists: GPT-2's absolute positions shift under left padding."""
     p, r = [5, 6, 7], [8, 9, 10, 11]
@@ -280,3 +307,12 @@ def test_contract_and_parameter_errors():
 
     with pytest.raises(ParameterError, match="'drop_top_fraction' parameter of CHES"):
         ChesSelector(keep_bottom_fraction=0.1, drop_top_fraction=0.1)
+
+
+def test_ches_states_step_padding_choice():
+    from curate.errors import ParameterError
+    from curate.selectors.ches import ChesStates
+
+    assert ChesStates().padding == "auto" and ChesStates(padding="prefix").padding == "prefix"
+    with pytest.raises(ParameterError, match="padding"):
+        ChesStates(padding="middle")

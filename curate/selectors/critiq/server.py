@@ -21,7 +21,6 @@ the JSON contract returns a valid reply whose content is the model's own prefere
 
 from __future__ import annotations
 
-import inspect
 import socket
 import threading
 import time
@@ -233,8 +232,9 @@ class LMBackend:
         toks = self.choice_tokens(choices)
         eos = self._tok.eos_token_id
         gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
-        # transformers 5 renamed past_key_values to cache; accept both
-        cache_arg = "cache" if "cache" in inspect.signature(self._lm.forward).parameters else "past_key_values"
+        from curate.features.lm import cache_argument
+
+        cache_arg = cache_argument(self._lm)
         alive = list(range(len(choices)))
         prefix: list[int] = []
         pending: list[int] = ids[0].tolist()  # tokens not yet fed to the model
