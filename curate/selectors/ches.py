@@ -21,14 +21,15 @@ pass per response serves both.
 
 Where we deviate from the reference code (``princeton-nlp/unintentional-unalignment``):
 
-- Batching: the default is **left padding with explicit** ``position_ids = clamp(cumsum(mask) - 1, 0)``
+- Batching: the batched mode is **left padding with explicit** ``position_ids = clamp(cumsum(mask) - 1, 0)``
   (the reference left-pads without position ids, which is only correct for RoPE models). Left padding lets
   every row's response positions sit at the end of the batch, so the LM head runs only on the last
   ``max R + 1`` positions (``logits_to_keep``). ``padding="right"`` (per-row positions, the spec's batched
   mode) and ``padding="none"`` (one example at a time, the reference default) give the same numbers
   (tests: 1e-10 in float64). ``padding="prefix"`` (pairs only) runs the shared prompt once per pair
   and both responses as one batch of two on its KV cache: the same numbers (tests: 1e-10), and fewer
-  tokens through the model when prompts are long (multi-turn hh-rlhf).
+  tokens through the model when prompts are long (multi-turn hh-rlhf). :func:`ches_features` picks
+  ``prefix`` on CPU and ``left`` on CUDA unless told otherwise.
 - Truncation (``max_length``): when prompt + response is too long the response keeps at most
   ``max_length - min(P, max_length // 2)`` tokens and the prompt is cut from the left. The reference
   truncates the concatenated sequence from the right.
@@ -434,7 +435,7 @@ def ches_features(
     append_eos: bool = True,
     max_length: int | None = 1024,
     batch_size: int = 8,
-    padding: str = "left",
+    padding: str = "auto",
     device: str = "auto",
     dtype: str = "float32",
     progress: bool = False,
@@ -451,7 +452,8 @@ def ches_features(
         append_eos: append EOS to responses (must match the preference trainer); recorded in ``meta``.
         max_length: token cap per (prompt, response) sequence (None: no truncation).
         batch_size: sequences per forward pass.
-        padding: ``left`` (default) | ``right`` | ``none`` | ``prefix`` (all give the same values).
+        padding: ``auto`` (default: ``prefix`` on CPU, ``left`` on CUDA) | ``left`` | ``right`` | ``none`` |
+            ``prefix`` (all give the same values).
         device, dtype: for loading a model by name.
         progress: progress bar.
     """
@@ -472,6 +474,8 @@ def ches_features(
             raise param_error("ches_features", "tokenizer", "given with a loaded model", None)
         lm, tok = model, tokenizer
     pairs = encode_pairs(table, tok, append_eos=append_eos, max_length=max_length)
+    if padding == "auto":  # CPU: sharing the prompt saves the most work; GPU: wide batches do
+        padding = "left" if getattr(getattr(lm, "device", None), "type", "cpu") == "cuda" else "prefix"
     values = pair_states(lm, pairs, batch_size=batch_size, padding=padding, pad_token_id=tok.pad_token_id,
                          progress=progress)
     meta = {**params, "cache_key": key, "dim": int(values.shape[2] - 2), "layout": "(n, side[chosen, rejected], "
@@ -669,13 +673,8 @@ class ChesStates:
         ok = [r == "" for r in reasons]
         sub = table.filter(pl.Series(ok))
         device = ctx.device if self.device == "auto" else self.device
-        padding = self.padding
-        if padding == "auto":
-            from curate.features.lm import resolve_device
-
-            padding = "left" if resolve_device(device).startswith("cuda") else "prefix"
         fs = ches_features(sub, model=self.model, store=ctx.features, append_eos=self.append_eos,
-                           max_length=self.max_length, batch_size=self.batch_size, padding=padding, device=device,
+                           max_length=self.max_length, batch_size=self.batch_size, padding=self.padding, device=device,
                            dtype=self.dtype, progress=ctx.progress)
         ctx.stats["ches_states"] = {"n_pairs": len(fs), "dim": fs.meta.get("dim"),
                                     "n_truncated": fs.meta.get("n_truncated")}
