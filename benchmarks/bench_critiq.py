@@ -230,17 +230,6 @@ def logit_diagnostic(pairs: list[Any], criteria: list[Any], max_chars: int) -> d
     return out
 
 
-def scorer_texts(table: Any, prompt_chars: int) -> tuple[list[str], list[str]]:
-    """(chosen, rejected) texts for the embedding scorer: the instruction cut to ``prompt_chars``
-    characters, then the response, so the response is inside MiniLM's 256-word-piece window."""
-    from curate.schema import texts
-
-    prompts = [p[:prompt_chars] for p in texts(table, "prompt")]
-    fmt = "[Instruction]\n{p}\n\n[Response]\n{r}"
-    return ([fmt.format(p=p, r=r) for p, r in zip(prompts, texts(table, "chosen"), strict=True)],
-            [fmt.format(p=p, r=r) for p, r in zip(prompts, texts(table, "rejected"), strict=True)])
-
-
 # --------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -288,7 +277,7 @@ def main() -> None:
     import polars as pl
 
     from curate.io.tables import read_table
-    from curate.selectors.critiq.cli import human_pairs
+    from curate.selectors.critiq.cli import human_pairs, render_pair_texts
     from curate.selectors.critiq.flow import (
         CritiQFlow,
         FlowConfig,
@@ -452,9 +441,9 @@ def main() -> None:
     torch.set_num_threads(1)
 
     hp_t = table[pool_idx[: max(args.human_pool, args.pool_pairs)].tolist()]
-    hp_a, hp_b = scorer_texts(hp_t, args.embed_prompt_chars)
+    hp_a, hp_b = render_pair_texts(hp_t, args.embed_prompt_chars)
     pool_uids = hp_t["uid"].to_list()
-    held_c, held_r = scorer_texts(held_t, args.embed_prompt_chars)
+    held_c, held_r = render_pair_texts(held_t, args.embed_prompt_chars)
     texts_all = hp_a + hp_b + held_c + held_r
     emb = embed_texts(texts_all, model="default", batch_size=32)
     n_hp, n_h = len(hp_a), len(held_c)

@@ -164,7 +164,10 @@ class SentenceTransformerEmbedder(Embedder):
         st = require("sentence_transformers", "sentence embeddings")
         self.device = _resolve_device(device, torch)
         self.dtype = "float16" if self.device == "cuda" else "float32"
-        self.model = st.SentenceTransformer(str(path), device=self.device, local_files_only=True)
+        from curate.features.lm import quiet_transformers_bars
+
+        with quiet_transformers_bars():
+            self.model = st.SentenceTransformer(str(path), device=self.device, local_files_only=True)
         if self.dtype == "float16":
             self.model.half()
         self.model.eval()

@@ -56,10 +56,11 @@ def write_parquet(table: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
+def write_json(obj: Any, path: str | os.PathLike[str], *, sort_keys: bool = False, ensure_ascii: bool = True) -> Path:
     """Write ``obj`` as indented JSON atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+        text = json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=ensure_ascii, default=str)
+        tmp.write_text(text + "\n", encoding="utf-8")
     return Path(path)
 
 

@@ -189,6 +189,16 @@ class _Capture:
         self.handle.remove()
 
 
+def _hidden_size(model: Any) -> int:
+    """Width of the states the LM head reads (its ``in_features``, else ``config.hidden_size``)."""
+    head = model.get_output_embeddings()
+    return int(head.in_features) if hasattr(head, "in_features") else int(model.config.hidden_size)
+
+
+def _pad_id(model: Any, pad_token_id: int | None) -> int:
+    return int(pad_token_id if pad_token_id is not None else (getattr(model.config, "pad_token_id", None) or 0))
+
+
 def response_states(model: Any, prompt: Sequence[int], response: Sequence[int]) -> tuple[Any, Any]:
     """(states (R, d) float64, logits (R, V)) at the R positions predicting ``response`` (no padding).
 
@@ -222,14 +232,13 @@ def response_stats(model: Any, seqs: Sequence[SideIds], *, batch_size: int = 8, 
     if padding not in PADDINGS:
         raise param_error("response_stats", "padding", f"one of {PADDINGS}", padding)
     n = len(seqs)
-    d = int(model.get_output_embeddings().in_features) if hasattr(model.get_output_embeddings(), "in_features") \
-        else int(model.config.hidden_size)
+    d = _hidden_size(model)
     sums = np.zeros((n, d), dtype=np.float64)
     counts = np.zeros(n, dtype=np.int64)
     logps = np.zeros(n, dtype=np.float64)
     todo = [i for i, s in enumerate(seqs) if len(s.response) > 0 and len(s.prompt) > 0]
     bs = 1 if padding == "none" else max(1, int(batch_size))
-    pad = pad_token_id if pad_token_id is not None else (getattr(model.config, "pad_token_id", None) or 0)
+    pad = _pad_id(model, pad_token_id)
     dev = model.device
     bar = None
     if progress:
@@ -315,9 +324,8 @@ def _shared_prompt_states(model: Any, pairs: Sequence[tuple[SideIds, SideIds]], 
     from curate.features.lm import cache_argument
 
     cache_arg = cache_argument(model)
-    head = model.get_output_embeddings()
-    d = int(head.in_features) if hasattr(head, "in_features") else int(model.config.hidden_size)
-    pad = pad_token_id if pad_token_id is not None else (getattr(model.config, "pad_token_id", None) or 0)
+    d = _hidden_size(model)
+    pad = _pad_id(model, pad_token_id)
     dev = model.device
     out = np.zeros((len(pairs), 2, d + 2), dtype=np.float64)
     bar = None
@@ -387,21 +395,12 @@ def pair_states(model: Any, pairs: Sequence[tuple[SideIds, SideIds]], *, batch_s
         shared = [k for k, (a, b) in enumerate(pairs)
                   if list(a.prompt) == list(b.prompt) and a.prompt and a.response and b.response]
         other = sorted(set(range(len(pairs))) - set(shared))
-        vals: np.ndarray | None = None
+        vals = np.zeros((len(pairs), 2, _hidden_size(model) + 2), dtype=np.float64)
         if shared:
-            vals_shared = _shared_prompt_states(model, [pairs[k] for k in shared], pad_token_id, progress)
-            vals = np.zeros((len(pairs), *vals_shared.shape[1:]), dtype=np.float64)
-            vals[shared] = vals_shared
+            vals[shared] = _shared_prompt_states(model, [pairs[k] for k in shared], pad_token_id, progress)
         if other:
-            vals_other = pair_states(model, [pairs[k] for k in other], batch_size=batch_size, padding="left",
-                                     pad_token_id=pad_token_id, progress=progress)
-            if vals is None:
-                vals = np.zeros((len(pairs), *vals_other.shape[1:]), dtype=np.float64)
-            vals[other] = vals_other
-        if vals is None:
-            head = model.get_output_embeddings()
-            d = int(head.in_features) if hasattr(head, "in_features") else int(model.config.hidden_size)
-            vals = np.zeros((0, 2, d + 2), dtype=np.float64)
+            vals[other] = pair_states(model, [pairs[k] for k in other], batch_size=batch_size, padding="left",
+                                      pad_token_id=pad_token_id, progress=progress)
         return vals
     seqs = [s for pair in pairs for s in pair]
     # identical (prompt, response) sequences are computed once, so identical responses give exactly 0

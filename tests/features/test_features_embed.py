@@ -185,3 +185,13 @@ def test_default_model_semantics_and_parity(minilm):
     ref = minilm.model.encode(docs, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
     assert "all-MiniLM-L6-v2" in minilm.model_id and minilm.dtype == "float32"
+
+
+def test_loading_the_embedder_prints_no_transformers_bars(capfd) -> None:
+    """A fresh load (not the per-process cache) writes no "Loading weights" bar to a non-terminal."""
+    from curate.features.embed import SentenceTransformerEmbedder, default_model_path
+
+    capfd.readouterr()
+    SentenceTransformerEmbedder(default_model_path(), device="cpu")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s" not in err

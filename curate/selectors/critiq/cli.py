@@ -40,9 +40,12 @@ def _session(url: str, model: str, cache: str, api_key_env: str, concurrency: in
                         cache, cache_mode=mode)
 
 
-def render_pair_texts(table: pl.DataFrame) -> tuple[list[str], list[str]]:
-    """(chosen side, rejected side) texts of preference rows: the prompt followed by the response."""
+def render_pair_texts(table: pl.DataFrame, prompt_chars: int | None = None) -> tuple[list[str], list[str]]:
+    """(chosen side, rejected side) texts of preference rows: the prompt (cut to ``prompt_chars``
+    characters when given) followed by the response."""
     prompts, chosen, rejected = texts(table, "prompt"), texts(table, "chosen"), texts(table, "rejected")
+    if prompt_chars is not None:
+        prompts = [p[:prompt_chars] for p in prompts]
     fmt = "[Instruction]\n{p}\n\n[Response]\n{r}"
     return ([fmt.format(p=p, r=r) for p, r in zip(prompts, chosen, strict=True)],
             [fmt.format(p=p, r=r) for p, r in zip(prompts, rejected, strict=True)])
@@ -189,8 +192,7 @@ def score_cmd(in_path: str, pairs_path: str, out_dir: str, budget: str, temperat
 
     from curate.features.embed import embed_texts
     from curate.features.store import FeatureSet
-    from curate.io.writers import write_parquet
-    from curate.selectors.critiq.flow import atomic_write_json
+    from curate.io.writers import write_json, write_parquet
     from curate.selectors.critiq.scorer import CritiqSelector
 
     t0 = time.time()
@@ -208,7 +210,7 @@ def score_cmd(in_path: str, pairs_path: str, out_dir: str, budget: str, temperat
     write_parquet(joined.filter(~pl.col("critiq__keep")), out / "rejected.parquet")
     summary = {"output": str(out), "n_in": table.height, "n_kept": res.n_kept, "field": field, "params": res.params,
                "diagnostics": res.diagnostics, "seconds": round(time.time() - t0, 2)}
-    atomic_write_json(out / "manifest.json", summary)
+    write_json(summary, out / "manifest.json", sort_keys=True, ensure_ascii=False)
     _emit(as_json, summary)
 
 

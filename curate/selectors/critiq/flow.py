@@ -386,16 +386,9 @@ class FlowResult:
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        return atomic_write_json(path, self.as_dict())
+        from curate.io.writers import write_json
 
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """``obj`` as sorted, indented UTF-8 JSON, written atomically (:func:`curate.io.writers.atomic_path`)."""
-    from curate.io.writers import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    return Path(path)
+        return write_json(self.as_dict(), path, sort_keys=True, ensure_ascii=False)
 
 
 def load_criteria(path: str | os.PathLike[str]) -> list[Criterion]:

@@ -179,9 +179,7 @@ class CritiQAnnotate(_JudgeParams):
         out = annotate_table(table, criteria, worker, n_pairs=self.n_pairs, n_buckets=self.n_buckets, seed=ctx.seed,
                              max_workers=self.concurrency, max_tokens=self.max_tokens,
                              guided_choice=self.guided_choice)
-        path = _out_path(self.output, ctx, "pairs.parquet")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_parquet(out, path)
+        path = write_parquet(out, _out_path(self.output, ctx, "pairs.parquet"))
         ctx.stats["critiq_annotate"] = {"output": str(path), "n_labelled": out.height, "n_criteria": len(criteria),
                                         "calls": worker.stats.as_dict(), "seconds": round(time.time() - t0, 2)}
         return _keep_all(table)
