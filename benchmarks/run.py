@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import HERE, record  # noqa: E402
 
 # Scripts that are not named bench_*.py but belong to the sweep, in the order they run (last: slowest).
-EXTRA = ("ches_displacement.py", "selection_quality.py")
+EXTRA = ("ches_displacement.py", "targeted_selection.py")
 # Arguments for scripts without a --quick flag (quick mode only).
 QUICK_ARGS: dict[str, list[str]] = {"bench_ches.py": ["--n", "16", "--max-length", "256"]}
 # Per-script timeouts (seconds) in quick mode; the rest get --timeout.
-QUICK_TIMEOUTS: dict[str, int] = {"selection_quality.py": 720, "bench_scaling.py": 300}
+QUICK_TIMEOUTS: dict[str, int] = {"targeted_selection.py": 1800, "bench_scaling.py": 300}
 
 
 def scripts() -> list[Path]:

@@ -30,8 +30,8 @@ _EXPORTS: dict[str, str] = {
     "read_source": "curate.io",
     "write_parquet": "curate.io.writers",
     # features
-    "FeatureSet": "curate.features.store",
-    "FeatureStore": "curate.features.store",
+    "FeatureSet": "curate.io.store",
+    "FeatureStore": "curate.io.store",
     # pipeline
     "load_recipe": "curate.pipeline.recipe",
     "parse_recipe": "curate.pipeline.recipe",

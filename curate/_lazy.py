@@ -7,7 +7,7 @@ from types import ModuleType
 
 from curate.errors import MissingDependencyError
 
-# module name -> (pip name, extra of curate that brings it)
+# module name -> (pip name, extra of curate that brings it; "" when no extra does)
 _HINTS: dict[str, tuple[str, str]] = {
     "torch": ("torch==2.13.0", "ml"),
     "transformers": ("transformers", "ml"),
@@ -16,11 +16,21 @@ _HINTS: dict[str, tuple[str, str]] = {
     "ot": ("POT", "ml"),
     "datasketch": ("datasketch", "ml"),
     "sklearn": ("scikit-learn", "ml"),
+    "scipy": ("scipy", "ml"),
     "peft": ("peft", "ml"),
     "gguf": ("gguf", "ml"),
-    "ray": ("ray", "ray"),
+    "ray": ("ray", "ml"),
     "matplotlib": ("matplotlib", "ml"),
+    "fastapi": ("fastapi", "judge"),
+    "uvicorn": ("uvicorn", "judge"),
+    "httpx": ("httpx", "judge"),
+    "umap": ("umap-learn", ""),
 }
+
+
+def extra_for(module: str) -> str | None:
+    """The extra of curate (``pip install 'curate[EXTRA]'``) that installs ``module``, if any."""
+    return _HINTS.get(module.split(".")[0], ("", ""))[1] or None
 
 
 def require(module: str, purpose: str = "") -> ModuleType:
@@ -34,4 +44,4 @@ def require(module: str, purpose: str = "") -> ModuleType:
         hint = f"pip install '{pip_name}'"
         if extra:
             hint += f" or pip install -e '.[{extra}]'"
-        raise MissingDependencyError(f"curate needs the '{top}' package{why}: {hint}.") from exc
+        raise MissingDependencyError(f"curate needs the '{top}' package{why}: {hint}.", name=top) from exc

@@ -61,6 +61,7 @@ def ingest(inputs: tuple[str, ...], output: str, fmt: str, kind: str | None, on_
     """Read INPUT files, folders or globs into one canonical parquet table."""
     from curate.io import read_sources
     from curate.io.writers import write_parquet
+    from curate.pipeline.outcome import reason_category
 
     res = read_sources(list(inputs), format=fmt, kind=kind, on_error=on_error, progress=_progress_on(quiet))
     out = Path(output)
@@ -72,8 +73,6 @@ def ingest(inputs: tuple[str, ...], output: str, fmt: str, kind: str | None, on_
     kind_counts = {k: int(n) for k, n in kinds}
     reasons: dict[str, int] = {}
     for r in res.rejects["reason"].to_list() if res.rejects.height else []:
-        from curate.pipeline.runner import reason_category
-
         c = reason_category(r)
         reasons[c] = reasons.get(c, 0) + 1
     summary = {
@@ -264,27 +263,23 @@ def select(name: str, input_path: str, out_dir: str, budget: str, features: str 
 @json_option
 def list_(what: str | None, as_json: bool) -> None:
     """List registered steps, input formats and selectors (or only WHAT) with their parameters."""
+    import dataclasses
+
     from curate.io import FORMATS
     from curate.pipeline.registry import describe_steps
+    from curate.selectors import SELECTORS
 
     steps = describe_steps()
     formats = {name: _describe_format(info) for name, info in FORMATS.items()}
     selectors: dict[str, Any] = {}
-    try:
-        from curate.selectors import SELECTORS
-
-        for name, cls in sorted(SELECTORS.items()):
-            import dataclasses
-
-            params = {}
-            if dataclasses.is_dataclass(cls):
-                for f in dataclasses.fields(cls):
-                    default = f.default if f.default is not dataclasses.MISSING else "<required>"
-                    params[f.name] = default
-            doc = (cls.__doc__ or "").strip().splitlines()
-            selectors[name] = {"doc": doc[0] if doc else "", "params": params, "requires": list(getattr(cls, "requires", ()))}
-    except ImportError:
-        pass
+    for name, cls in sorted(SELECTORS.items()):
+        params = {}
+        if dataclasses.is_dataclass(cls):
+            for f in dataclasses.fields(cls):
+                default = f.default if f.default is not dataclasses.MISSING else "<required>"
+                params[f.name] = default
+        doc = (cls.__doc__ or "").strip().splitlines()
+        selectors[name] = {"doc": doc[0] if doc else "", "params": params, "requires": list(getattr(cls, "requires", ()))}
     summary = {"command": "list", "steps": steps, "formats": formats, "selectors": selectors}
     if what:
         summary = {"command": "list", what: summary[what]}
@@ -322,22 +317,75 @@ def _describe_format(info: Any) -> dict[str, Any]:
     return {"description": str(info)}
 
 
-def _attach_optional_commands() -> None:
-    """Verbs that live with their feature (judge server, report) register here when present."""
+# The verbs that live with their stage. Each module exports COMMANDS; its verbs are listed here as
+# well so that a verb whose optional extra is not installed still shows in --help and, when run,
+# says which extra to install.
+VERB_MODULES: dict[str, tuple[str, ...]] = {
+    "curate.curation.cli": ("dedup", "decontam", "filter", "pii"),
+    "curate.features.cli": ("embed", "gradients", "warmup", "whiten"),
+    "curate.influence.cli": ("influence",),
+    "curate.preference.cli": ("ches", "diagnose", "curriculum", "export"),
+    "curate.selectors.critiq.cli": ("judge", "critiq"),
+    "curate.report.cli": ("report",),
+}
+
+
+def _missing_extra(exc: ImportError) -> str | None:
+    """The extra of curate whose absence ``exc`` reports: a ``MissingDependencyError``, or a
+    ``ModuleNotFoundError`` for a package that an extra brings and that is not installed (a missing
+    submodule of an installed package is a bug, not a missing extra). None for anything else."""
+    import importlib.util
+
+    from curate._lazy import extra_for
+
+    if not isinstance(exc, (MissingDependencyError, ModuleNotFoundError)) or not exc.name:
+        return None
+    if isinstance(exc, ModuleNotFoundError):
+        top = exc.name.split(".")[0]
+        try:
+            if importlib.util.find_spec(top) is not None:
+                return None
+        except (ImportError, ValueError):  # ValueError: a module that is None in sys.modules
+            pass
+    return extra_for(exc.name)
+
+
+def _needs_extra(verb: str, extra: str, exc: ImportError) -> click.Command:
+    """A stand-in for ``verb`` that fails with the install hint instead of running."""
+    hint = f"pip install 'curate[{extra}]'"
+
+    def callback() -> None:
+        raise MissingDependencyError(f"`curate {verb}` needs the '{extra}' extra ({exc}): {hint}.")
+
+    return click.Command(verb, callback=callback, help=f"Needs the '{extra}' extra: {hint}.",
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+
+
+def attach_verbs(group: click.Group, modules: dict[str, tuple[str, ...]]) -> None:
+    """Add the verbs of each module to ``group``.
+
+    A module that fails to import raises here, naming it, so a broken import cannot silently remove
+    verbs; the one exception is a missing optional extra (``curate[judge]``, ``curate[ml]``), whose
+    verbs are replaced by stand-ins that name the extra to install.
+    """
     import importlib
 
-    for module in ("curate.curation.cli", "curate.features.cli", "curate.influence.cli", "curate.preference.cli", "curate.selectors.critiq.cli", "curate.report.cli"):
+    for module, verbs in modules.items():
         try:
             mod = importlib.import_module(module)
-        except ImportError:  # an optional part whose dependencies are not installed
+        except ImportError as exc:
+            extra = _missing_extra(exc)
+            if extra is None:
+                raise ImportError(f"curate: cannot load the verbs {', '.join(verbs)} from {module}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            for verb in verbs:
+                group.add_command(_needs_extra(verb, extra, exc))
             continue
-        commands = getattr(mod, "COMMANDS", None) or [getattr(mod, n, None) for n in ("judge", "report")]
-        for cmd in commands:
-            if isinstance(cmd, click.Command):
-                cli.add_command(cmd)
+        for cmd in mod.COMMANDS:
+            group.add_command(cmd)
 
 
-_attach_optional_commands()
+attach_verbs(cli, VERB_MODULES)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 
 from curate.errors import MissingFeatureError, ParameterError
-from curate.features.store import FeatureSet
+from curate.io.store import FeatureSet
 from curate.schema import make_record, to_frame
 from curate.selectors.base import Budget
 
@@ -225,3 +225,38 @@ def tarot_modes(seed: int = 0, d: int = 8) -> tuple[np.ndarray, np.ndarray, np.n
 def uid_frame(n: int, prefix: str = "u") -> pl.DataFrame:
     """A minimal pool table of ``n`` rows with zero-padded uids (uid order = row order)."""
     return pl.DataFrame({"uid": [f"{prefix}{i:08d}" for i in range(n)]})
+
+
+def embedding_pool(n_generic: int = 2850, n_task: int = 150, m: int = 32, d: int = 384, signal: int = 24,
+                   seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, FeatureSet]]:
+    """A planted targeted-selection pool with the spectrum of sentence embeddings.
+
+    ``signal`` directions carry the topics (variance 1; generic rows sit on 40 random topic centres,
+    in-domain rows and the ``m`` targets on one task centre with a tighter spread); the other d −
+    ``signal`` directions hold small, decaying noise. Full whitening scales every direction to unit
+    variance, so the noise outweighs the topics; that is the failure mode TAROT's default avoids.
+
+    Returns:
+        (pool table ``uid, domain`` with ``domain`` in {generic, task}, target table ``uid, task``,
+        roles ``{"feats", "target_feats"}``).
+    """
+    rng = np.random.default_rng(seed)
+    scales = np.concatenate([np.full(signal, 1.0), 0.25 * np.linspace(1.0, 0.2, d - signal)])
+    topics = rng.normal(size=(40, signal))
+    centre = 1.2 * rng.normal(size=signal)
+
+    def rows(n: int, task: bool) -> np.ndarray:
+        x = rng.normal(size=(n, d)) * scales
+        if task:
+            x[:, :signal] = 0.6 * x[:, :signal] + centre
+        else:
+            x[:, :signal] += topics[rng.integers(0, len(topics), n)]
+        return x
+
+    pool = np.vstack([rows(n_generic, False), rows(n_task, True)])
+    tgt = rows(m, True)
+    uids = np.array([f"p{i:06d}" for i in range(len(pool))], dtype=object)
+    tuids = np.array([f"t{i:04d}" for i in range(m)], dtype=object)
+    table = pl.DataFrame({"uid": uids.tolist(), "domain": ["generic"] * n_generic + ["task"] * n_task})
+    targets = pl.DataFrame({"uid": tuids.tolist(), "task": ["task"] * m})
+    return table, targets, {"feats": FeatureSet("pool", uids, pool), "target_feats": FeatureSet("targets", tuids, tgt)}

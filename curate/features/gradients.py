@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,9 @@ import polars as pl
 
 from curate._lazy import require
 from curate.errors import SchemaError, param_error
-from curate.features.lm import IGNORE, Encoded
+from curate.features.checkpoints import checkpoint_id, lr_weights, read_checkpoint, resolve_checkpoints
+from curate.features.lm import Encoded
+from curate.features.lm_batches import LORA_TARGETS, block_index, collate, row_losses
 from curate.features.projection import Projector
 from curate.pipeline.registry import register_step
 
@@ -44,8 +45,6 @@ REDUCTIONS = ("mean", "sum")
 VARIANTS = ("sgd", "adam")
 ADAM_FORMS = ("less_code", "paper")
 MLP_NAMES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "mlp.c_fc", "mlp.c_proj")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-_BLOCK_RE = re.compile(r"\.(?:layers|h|blocks|block)\.(\d+)\.")
 
 
 # ================================================================================== layout
@@ -91,11 +90,6 @@ def _config_hash(model: Any) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _block_index(name: str) -> int | None:
-    m = _BLOCK_RE.search(name)
-    return int(m.group(1)) if m else None
-
-
 def select_parameters(model: Any, params: str | Sequence[str] = "lora") -> Layout:
     """The tracked parameter layout for a preset or a list of globs (spec §3).
 
@@ -113,14 +107,14 @@ def select_parameters(model: Any, params: str | Sequence[str] = "lora") -> Layou
             chosen = [n for n, _ in named if "lora_A" in n or "lora_B" in n]
         else:
             base, _, k = preset.partition(":")
-            blocks = sorted({b for n, _ in named if (b := _block_index(n)) is not None})
+            blocks = sorted({b for n, _ in named if (b := block_index(n)) is not None})
             if k:
                 if not k.isdigit() or int(k) < 1:
                     raise param_error("grad_features", "params", "'last_blocks:k' with an integer k >= 1", params)
                 last = set(blocks[-int(k):])
             else:
                 last = set(blocks)
-            in_blocks = [n for n, _ in named if _block_index(n) in last]
+            in_blocks = [n for n, _ in named if block_index(n) in last]
             if base in ("mlp", "mlp_last_blocks"):
                 chosen = [n for n in in_blocks if any(f"{m}." in n for m in MLP_NAMES) and n.endswith("weight")]
             else:
@@ -147,35 +141,6 @@ def check_compatible(*metas: Mapping[str, Any]) -> None:
 
 
 # ========================================================================== per-example loss
-def collate(examples: Sequence[Any], pad_token_id: int = 0) -> tuple[Any, Any]:
-    """Right-padded (ids, labels) LongTensors; padding gets label -100."""
-    torch = require("torch", "gradient features")
-    n = max(1, max(len(e["input_ids"]) for e in examples))
-    ids = torch.full((len(examples), n), int(pad_token_id), dtype=torch.long)
-    labels = torch.full((len(examples), n), IGNORE, dtype=torch.long)
-    for i, e in enumerate(examples):
-        k = len(e["input_ids"])
-        if k:
-            ids[i, :k] = torch.as_tensor(list(e["input_ids"]), dtype=torch.long)
-            labels[i, :k] = torch.as_tensor(list(e["labels"]), dtype=torch.long)
-    return ids, labels
-
-
-def row_losses(logits: Any, labels: Any, reduction: str = "mean") -> Any:
-    """Per-row response loss (B,): ℓ_mean or ℓ_sum of −log p(ids_t | ids_<t) over labelled t."""
-    torch = require("torch", "gradient features")
-    lg = logits[:, :-1, :]
-    lb = labels[:, 1:]
-    mask = lb != IGNORE
-    nll = torch.nn.functional.cross_entropy(
-        lg.reshape(-1, lg.shape[-1]), lb.clamp_min(0).reshape(-1), reduction="none"
-    ).reshape(lb.shape)
-    total = (nll * mask.to(nll.dtype)).sum(dim=1)
-    if reduction == "sum":
-        return total
-    return total / mask.sum(dim=1).clamp_min(1).to(nll.dtype)
-
-
 def _logits(model: Any, ids: Any, attention_mask: Any = None) -> Any:
     out = model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
     return out.logits if hasattr(out, "logits") else out
@@ -429,24 +394,7 @@ def load_adam_state(state: Any, layout: Layout, *, trainable_names: Sequence[str
     return torch.cat(ms), torch.cat(vs)
 
 
-# ============================================================================ checkpoints, norms
-def lr_weights(mean_lrs: Sequence[float]) -> np.ndarray:
-    """w_c = η̄_c / Σ η̄ (spec §7)."""
-    w = np.asarray(mean_lrs, dtype=np.float64)
-    if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w <= 0):
-        raise param_error("lr_weights", "mean_lrs", "a non-empty list of finite numbers > 0", list(mean_lrs))
-    return w / w.sum()
-
-
-def stack_checkpoints(features: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Φ̃ = [√w₁Φ₁ | … | √w_CΦ_C] (N × C·d), so Φ̃Ψ̃ᵀ = Σ_c w_c Φ_cΨ_cᵀ (spec §7)."""
-    w = lr_weights(weights)
-    if len(features) != len(w):
-        raise SchemaError("one weight per checkpoint is needed.", field="weights",
-                          expected=f"{len(features)} weights", found=len(w))
-    return np.concatenate([np.sqrt(wc) * np.asarray(f, dtype=np.float64) for wc, f in zip(w, features, strict=True)], axis=1)
-
-
+# ================================================================================== norms
 def normalise_rows(phi: np.ndarray, tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
     """(φ/‖φ‖ per row, mask of rows with ‖φ‖ < tol, which are left as zeros) (spec §8)."""
     phi = np.asarray(phi)
@@ -542,7 +490,7 @@ def compute_grad_features(
                         np.array([bool(e["truncated"]) for e in examples]), meta, raw)
 
 
-# =============================================================================== checkpoints
+# ===================================================================================== LoRA
 def add_lora(model: Any, *, r: int = 8, alpha: int = 32, targets: Sequence[str] = LORA_TARGETS, seed: int = 0) -> Any:
     """Wrap ``model`` with fresh seeded LoRA adapters (peft), dropout 0 (spec §3 CPU preset)."""
     torch = require("torch", "LoRA gradient features")
@@ -554,68 +502,6 @@ def add_lora(model: Any, *, r: int = 8, alpha: int = 32, targets: Sequence[str] 
         wrapped = peft.get_peft_model(model, cfg)
     wrapped.eval()
     return wrapped
-
-
-def read_checkpoint(model: Any, ckpt: str | os.PathLike[str]) -> tuple[Any, dict[str, Any], Path | None]:
-    """Load a warm-up checkpoint folder: peft adapters (``adapter_config.json``), its meta
-    (``checkpoint.json`` with ``mean_lr``) and the optimizer file (``adam_state.pt`` by name, or HF
-    ``optimizer.pt``), if present."""
-    peft = require("peft", "LoRA checkpoints")
-    folder = Path(ckpt)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: checkpoint folder not found.")
-    if (folder / "adapter_config.json").exists():
-        model = peft.PeftModel.from_pretrained(model, str(folder), is_trainable=True)
-    meta = json.loads((folder / "checkpoint.json").read_text()) if (folder / "checkpoint.json").exists() else {}
-    opt = next((folder / f for f in ("adam_state.pt", "optimizer.pt") if (folder / f).exists()), None)
-    model.eval()
-    return model, meta, opt
-
-
-FROM_STEP = "from_step"
-
-
-def resolve_checkpoints(entries: Sequence[str], features_root: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Expand ``checkpoints`` entries into checkpoint folders, in order.
-
-    An entry is one of:
-    - ``from_step`` / ``from_step:<name>``: the checkpoints written by the recipe step ``warmup``
-      (``save_as: <name>``, default ``warmup``) under ``<features root>/checkpoints/<name>``;
-    - a warm-up output folder (holds ``warmup.json``, as written by ``curate warmup``): all of its
-      checkpoints in epoch order;
-    - a single checkpoint folder (peft adapters and/or ``adam_state.pt`` / ``optimizer.pt``).
-
-    Raises:
-        FileNotFoundError: a folder does not exist or a ``from_step`` warm-up has not run.
-    """
-    from curate.features.warmup import WARMUP_FILE, checkpoint_dirs, step_checkpoint_dir
-
-    out: list[Path] = []
-    for entry in entries:
-        entry = str(entry)
-        if entry == FROM_STEP or entry.startswith(FROM_STEP + ":"):
-            if features_root is None:
-                raise FileNotFoundError(f"checkpoints '{entry}' needs a recipe run (a feature store folder).")
-            name = entry.partition(":")[2] or "warmup"
-            out.extend(checkpoint_dirs(step_checkpoint_dir(features_root, name)))
-            continue
-        folder = Path(entry).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: checkpoint folder not found.")
-        out.extend(checkpoint_dirs(folder) if (folder / WARMUP_FILE).exists() else [folder])
-    return out
-
-
-def checkpoint_id(folder: str | os.PathLike[str]) -> str:
-    """A cheap identity of a checkpoint folder for cache keys: its checkpoint.json and file sizes."""
-    folder = Path(folder)
-    h = hashlib.blake2b(digest_size=12)
-    for f in sorted(folder.iterdir()):
-        if f.is_file():
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-            if f.name in ("checkpoint.json", "adapter_config.json"):
-                h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 # ================================================================================ the step
@@ -723,7 +609,7 @@ class GradFeaturesStep:
 
     def apply(self, table: pl.DataFrame, ctx: Any) -> pl.DataFrame:
         from curate.features.lm import encode_examples, resolve_device
-        from curate.features.store import FeatureSet, cache_key
+        from curate.io.store import FeatureSet, cache_key
 
         require("torch", "gradient features")
         seed = ctx.seed if self.seed is None else self.seed
@@ -790,9 +676,3 @@ class GradFeaturesStep:
         return pl.DataFrame({"uid": uids, "keep": [True] * len(uids), "reason": [reasons.get(u, "") for u in uids],
                              "score": score}, schema={"uid": pl.Utf8, "keep": pl.Boolean, "reason": pl.Utf8,
                                                       "score": pl.Float64})
-
-
-# The warm-up and whitening steps live in their own modules; importing them here registers them
-# wherever ``curate.features`` is loaded (curate/features/__init__.py imports this module).
-from curate.features import warmup as _warmup  # noqa: E402,F401  (registers the "warmup" step)
-from curate.features import whiten as _whiten  # noqa: E402,F401  (registers the "whiten" step)

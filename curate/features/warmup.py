@@ -7,17 +7,8 @@ model on a seeded random 5% of the pool (at least 200 rows) for 4 epochs, peak l
 rate of each epoch is recorded so :mod:`curate.features.gradients` can weight the checkpoints
 (w_c = η̄_c / Σ η̄) and Adam-precondition per-example gradients with the saved moments.
 
-Checkpoint layout (what :func:`curate.features.gradients.read_checkpoint` and
-:func:`~curate.features.gradients.load_adam_state` read)::
-
-    OUT/warmup.json              key, parameters, sampled uids, per-epoch losses, checkpoint list
-    OUT/ckpt1 … OUT/ckptC/       one folder per epoch
-        adapter_config.json, adapter_model.safetensors   (peft ``save_pretrained``)
-        adam_state.pt            {"exp_avg": {name: tensor}, "exp_avg_sq": {name: tensor}}
-        checkpoint.json          {"epoch", "mean_lr", "steps", "global_step", "train_loss", "key", ...}
-
-Parameter names in ``adam_state.pt`` are the peft model's ``named_parameters()`` names, which are the
-names :func:`~curate.features.gradients.select_parameters` returns after ``read_checkpoint``.
+The checkpoint layout written here, and read by gradient features and whitening, is described
+and implemented in :mod:`curate.features.checkpoints`.
 
 Deviations (and why):
 
@@ -49,17 +40,14 @@ import polars as pl
 
 from curate._lazy import require
 from curate.errors import SchemaError, param_error
-from curate.features.gradients import LORA_TARGETS, _block_index, collate, row_losses
+from curate.features.checkpoints import CKPT_PREFIX, WARMUP_FILE, read_warmup, save_checkpoint, step_checkpoint_dir
+from curate.features.lm_batches import LORA_TARGETS, block_index, collate, row_losses
 from curate.io.writers import atomic_dir
 from curate.pipeline.registry import register_step
 
 SCHEDULES = ("linear", "cosine", "constant")
 STREAM_SAMPLE = 0x57A2  # SeedSequence streams: which rows, and each epoch's order
 STREAM_SHUFFLE = 0x57A3
-WARMUP_FILE = "warmup.json"
-CKPT_PREFIX = "ckpt"
-
-
 @dataclass(frozen=True, kw_only=True)
 class WarmupConfig:
     """Hyperparameters of a warm-up run (spec §7; defaults are the CPU preset).
@@ -171,7 +159,7 @@ def lora_layer_indices(model: Any, lora_layers: int | None) -> list[int] | None:
     """Indices of the top ``lora_layers`` transformer blocks of ``model`` (None: all)."""
     if lora_layers is None:
         return None
-    blocks = sorted({b for n, _ in model.named_parameters() if (b := _block_index(n)) is not None})
+    blocks = sorted({b for n, _ in model.named_parameters() if (b := block_index(n)) is not None})
     if not blocks:
         raise param_error("warmup", "lora_layers", "None for a model without numbered transformer blocks", lora_layers)
     return blocks[-int(lora_layers):]
@@ -226,44 +214,6 @@ def _key(uids: Sequence[str], model_id: str, config: WarmupConfig) -> str:
         h.update(u.encode() + b"\n")
     h.update(json.dumps({"model": model_id, **step_params(config)}, sort_keys=True, default=str).encode())
     return h.hexdigest()
-
-
-def read_warmup(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The ``warmup.json`` of a warm-up folder whose checkpoints all exist, else None."""
-    path = Path(folder) / WARMUP_FILE
-    if not path.exists():
-        return None
-    summary = json.loads(path.read_text())
-    if not all((Path(folder) / c / "checkpoint.json").exists() for c in summary.get("checkpoints", [])):
-        return None
-    return summary
-
-
-def checkpoint_dirs(folder: str | os.PathLike[str]) -> list[Path]:
-    """Checkpoint folders of a warm-up output folder, in epoch order.
-
-    Raises:
-        FileNotFoundError: no complete warm-up output in ``folder``.
-    """
-    summary = read_warmup(folder)
-    if summary is None:
-        raise FileNotFoundError(f"{folder}: no complete warm-up output ({WARMUP_FILE} with its checkpoints). "
-                                "Run `curate warmup` or a recipe step `warmup` first.")
-    return [Path(folder) / c for c in summary["checkpoints"]]
-
-
-def _save_checkpoint(model: Any, opt: Any, names: dict[int, str], folder: Path, meta: dict[str, Any]) -> None:
-    torch = require("torch", "warm-up training")
-    model.save_pretrained(str(folder))
-    exp_avg, exp_avg_sq = {}, {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p, {})
-            name = names[id(p)]
-            exp_avg[name] = (st["exp_avg"] if "exp_avg" in st else torch.zeros_like(p)).detach().cpu().clone()
-            exp_avg_sq[name] = (st["exp_avg_sq"] if "exp_avg_sq" in st else torch.zeros_like(p)).detach().cpu().clone()
-    torch.save({"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, str(folder / "adam_state.pt"))
-    (folder / "checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def warmup_train(
@@ -357,7 +307,7 @@ def warmup_train(
                 epoch_losses.append(float(np.mean(losses)))
                 name = f"{CKPT_PREFIX}{epoch}"
                 lm.eval()
-                _save_checkpoint(lm, opt, names, tmp / name, {
+                save_checkpoint(lm, opt, names, tmp / name, {
                     "epoch": epoch, "mean_lr": mean_lr, "steps": len(lrs), "global_step": step,
                     "train_loss": epoch_losses[-1], "key": key, "lora_layers": cfg.lora_layers,
                 })
@@ -438,15 +388,6 @@ def run_warmup(
 
 
 # ------------------------------------------------------------------------------------ the step
-def step_checkpoint_dir(features_root: str | os.PathLike[str], name: str = "warmup") -> Path:
-    """Where the recipe step ``warmup`` (``save_as=name``) writes: ``<features root>/checkpoints/<name>``.
-
-    ``grad_features`` resolves ``checkpoints: from_step`` (or ``from_step:<name>``) to the checkpoint
-    folders listed there.
-    """
-    return Path(features_root) / "checkpoints" / name
-
-
 @register_step("warmup")
 @dataclass(frozen=True, kw_only=True)
 class WarmupStep:

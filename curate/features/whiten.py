@@ -135,6 +135,38 @@ def whiten(
     return apply(phi), apply(psi)
 
 
+def lowrank_whiten(phi: Any, psi: Any, *, rank: int, shrink: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Whitening in the top ``rank`` principal directions of the joint covariance, with shrinkage.
+
+    With Σ = V Λ Vᵀ the covariance of the jointly centred rows of [Φ; Ψ] (eigenvalues descending),
+    z = (x − μ) V_r (Λ_r + s·λ̄_r I)^{-1/2} and ẑ = z/‖z‖, where λ̄_r is the mean of the kept
+    eigenvalues and s = ``shrink``. Dropping the trailing directions keeps whitening from blowing up
+    the directions whose variance a few thousand rows cannot estimate (the sample eigenvalues of
+    a d-dimensional covariance are badly spread unless N + M ≫ d); the shrinkage halves the
+    boost of the weakest kept direction relative to full whitening. ``rank = d`` and ``shrink → 0``
+    is full (ZCA-equivalent) whitening up to a rotation, which leaves the cosines unchanged.
+
+    Returns:
+        (Ẑ_D (N, rank), Ẑ_Q (M, rank)) float64 unit rows.
+    """
+    phi, psi = _check("phi", phi), _check("psi", psi)
+    d = phi.shape[1]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= d:
+        raise param_error("lowrank_whiten", "rank", f"an integer in [1, {d}]", rank)
+    if isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or not np.isfinite(shrink) or shrink < 0:
+        raise param_error("lowrank_whiten", "shrink", "a finite number >= 0", shrink)
+    x = np.vstack([np.asarray(phi, dtype=np.float64), np.asarray(psi, dtype=np.float64)])
+    mu = x.mean(axis=0)
+    xc = x - mu
+    vals, vecs = np.linalg.eigh(xc.T @ xc / len(x))
+    top = np.argsort(-vals, kind="stable")[:rank]
+    lam = np.maximum(vals[top], 0.0)
+    w = vecs[:, top] / np.sqrt(lam + float(shrink) * lam.mean() + 1e-12)
+    z = xc @ w
+    z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    return z[: len(phi)], z[len(phi) :]
+
+
 def mahalanobis_cosine(phi: Any, psi: Any, *, ridge: float = 1e-3, ridge_mode: str = "relative") -> np.ndarray:
     """Direct reference: x_cᵀΣ_λ⁻¹y_c / √((x_cᵀΣ_λ⁻¹x_c)(y_cᵀΣ_λ⁻¹y_c)) with a dense inverse (small d only)."""
     phi, psi = np.asarray(phi, dtype=np.float64), np.asarray(psi, dtype=np.float64)
@@ -154,14 +186,14 @@ def mahalanobis_cosine(phi: Any, psi: Any, *, ridge: float = 1e-3, ridge_mode: s
 
 def whiten_feature_sets(pool: Any, targets: Any, *, ridge: float = 1e-3, ridge_mode: str = "relative",
                         name: str = "grad/whitened") -> tuple[Any, Any]:
-    """Whiten two :class:`~curate.features.store.FeatureSet` objects together.
+    """Whiten two :class:`~curate.io.store.FeatureSet` objects together.
 
     Returns (pool set ``name``, target set ``name + '/targets'``), float32 values, meta carrying the
     inputs' meta plus ``whitened``, ``ridge``, ``ridge_mode``. Raises if the inputs were computed with
     different layouts or projectors.
     """
     from curate.features.gradients import check_compatible
-    from curate.features.store import FeatureSet
+    from curate.io.store import FeatureSet
 
     check_compatible(pool.meta, targets.meta)
     zd, zq = whiten(pool.values, targets.values, ridge=ridge, ridge_mode=ridge_mode)
@@ -178,7 +210,7 @@ def _matrix(fs: Any) -> np.ndarray:
     with the set's ``lr_weights`` (spec §7), so whitening sees the weighted combination."""
     values = np.asarray(fs.values)
     if values.ndim == 3:
-        from curate.features.gradients import stack_checkpoints
+        from curate.features.checkpoints import stack_checkpoints
 
         weights = fs.meta.get("lr_weights") or [1.0] * values.shape[1]
         return stack_checkpoints([values[:, c] for c in range(values.shape[1])], weights)
@@ -187,7 +219,7 @@ def _matrix(fs: Any) -> np.ndarray:
 
 def whiten_sets(pool: Any, targets: Any, *, ridge: float = 1e-3, ridge_mode: str = "relative",
                 name: str = "grad/whitened", target_name: str | None = None) -> tuple[Any, Any, np.ndarray]:
-    """Whiten a pool and a target :class:`~curate.features.store.FeatureSet` together (TAROT, spec §9).
+    """Whiten a pool and a target :class:`~curate.io.store.FeatureSet` together (TAROT, spec §9).
 
     Unlike :func:`whiten_feature_sets`, all-zero pool or target rows (``no_response_tokens`` /
     ``zero_gradient`` rows of gradient features) are left out of the mean and covariance and stay
@@ -202,7 +234,7 @@ def whiten_sets(pool: Any, targets: Any, *, ridge: float = 1e-3, ridge_mode: str
         SchemaError: NaN/inf values, widths that differ, layouts or projectors that differ.
     """
     from curate.features.gradients import check_compatible
-    from curate.features.store import FeatureSet
+    from curate.io.store import FeatureSet
 
     check_compatible(pool.meta, targets.meta)
     phi, psi = _check(pool.name, _matrix(pool)), _check(targets.name, _matrix(targets))
@@ -255,7 +287,7 @@ class WhitenStep:
             raise param_error("whiten", "ridge_mode", f"one of {RIDGE_MODES}", self.ridge_mode)
 
     def apply(self, table: pl.DataFrame, ctx: Any) -> pl.DataFrame:
-        from curate.features.store import cache_key
+        from curate.io.store import cache_key
 
         uids = table["uid"].to_list()
         pool = ctx.features[self.pool].subset(uids)

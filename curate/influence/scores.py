@@ -27,10 +27,10 @@ import numpy as np
 
 from curate._lazy import require
 from curate.errors import SchemaError, param_error
-from curate.features.store import FeatureSet
 from curate.influence._capture import Tracker
 from curate.influence.curvature import Curvature, per_sequence_grads
 from curate.influence.task import Task
+from curate.io.store import FeatureSet
 
 torch = require("torch", "influence functions")
 

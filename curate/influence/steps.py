@@ -92,8 +92,8 @@ class InfluenceScoresStep:
     def apply(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         import numpy as np
 
-        from curate.features.store import cache_key
         from curate.influence.api import fit_table, score_tables
+        from curate.io.store import cache_key
         from curate.pipeline.step import step_params
 
         if ctx.targets is None or ctx.targets.height == 0:

@@ -1,4 +1,5 @@
-"""Reading sources into the canonical table (readers, format detection) and atomic writers."""
+"""Reading sources into the canonical table (readers, format detection), atomic writers and the
+feature store (``curate.io.store``)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -30,12 +29,14 @@ import polars as pl
 import yaml
 
 from curate.errors import RecipeError
-from curate.features.store import FeatureStore
+from curate.io.store import FeatureStore
 from curate.io.writers import sha256_file, write_json, write_parquet, write_text
 from curate.pipeline.executors import get_executor
+from curate.pipeline.outcome import count_reasons, rejected_rows
 from curate.pipeline.recipe import InputSpec, Recipe
 from curate.pipeline.step import StepContext, check_step_output, step_params
-from curate.schema import SCHEMA, step_columns
+from curate.report import write_report
+from curate.schema import SCHEMA
 
 INGEST = "00-ingest"
 
@@ -67,15 +68,6 @@ def _hash(*parts: Any) -> str:
         h.update(json.dumps(p, sort_keys=True, default=str).encode())
         h.update(b"\x00")
     return h.hexdigest()
-
-
-_UID_RE = re.compile(r"\b[0-9a-f]{32}\b")
-_NUM_RE = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?")
-
-
-def reason_category(reason: str) -> str:
-    """Group reasons for funnels: uids become <uid>, numbers become #."""
-    return _NUM_RE.sub("#", _UID_RE.sub("<uid>", reason))
 
 
 def _read_done(folder: Path) -> str | None:
@@ -250,7 +242,7 @@ def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]]
                                  "targets": 0 if targets is None else targets.height})
     funnel: list[dict[str, Any]] = [{
         "step": "ingest", "use": "ingest", "rows_in": table.height + ingest_rejects.height, "rows_out": table.height,
-        "dropped": _count_reasons(ingest_rejects["reason"].to_list() if ingest_rejects.height else []),
+        "dropped": count_reasons(ingest_rejects["reason"].to_list() if ingest_rejects.height else []),
         "cached": cached, "seconds": round(time.time() - t0, 3), "key": key,
     }]
 
@@ -279,7 +271,7 @@ def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]]
             kept = int(out[f"{spec.name}__keep"].sum())
             _mark_done(folder, key, {
                 "step": spec.name, "use": spec.use, "params": step_params(spec.step), "rows_in": rows_in,
-                "rows_out": kept, "dropped": _count_reasons(
+                "rows_out": kept, "dropped": count_reasons(
                     out.filter(~pl.col(f"{spec.name}__keep"))[f"{spec.name}__reason"].to_list()),
                 "seconds": round(time.time() - t0, 3), "peak_rss_mb": peak_rss_mb(), **ctx.stats,
             })
@@ -294,7 +286,7 @@ def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]]
 
     # ---- outputs
     curated = table.filter(alive)
-    rejected = _rejected(table, alive, ingest_rejects)
+    rejected = rejected_rows(table, alive, ingest_rejects)
     write_parquet(curated, run_dir / "curated.parquet")
     write_parquet(rejected, run_dir / "rejected.parquet")
     selected_hash = hashlib.blake2b("\n".join(sorted(curated["uid"].to_list())).encode(), digest_size=16).hexdigest()
@@ -315,7 +307,7 @@ def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]]
         "seconds": round(time.time() - started, 3),
     }
     write_json(manifest, run_dir / "manifest.json")
-    _maybe_report(run_dir, say)
+    _write_report(run_dir, say)
     return RunResult(run_dir, funnel[0]["rows_in"], curated.height, rejected.height, funnel, manifest)
 
 
@@ -326,40 +318,8 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _count_reasons(reasons: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in reasons:
-        c = reason_category(r or "")
-        counts[c] = counts.get(c, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def _rejected(table: pl.DataFrame, alive: pl.Series, ingest_rejects: pl.DataFrame) -> pl.DataFrame:
-    """Dropped rows with ``step`` (the first step that dropped them) and its ``reason``."""
-    dropped = table.filter(~alive)
-    steps = step_columns(table)
-    if steps and dropped.height:
-        step_expr = pl.lit(None, dtype=pl.Utf8)
-        reason_expr = pl.lit(None, dtype=pl.Utf8)
-        for s in reversed(steps):  # the first dropping step wins
-            hit = pl.col(f"{s}__keep").is_not_null() & ~pl.col(f"{s}__keep")
-            step_expr = pl.when(hit).then(pl.lit(s)).otherwise(step_expr)
-            reason_expr = pl.when(hit).then(pl.col(f"{s}__reason")).otherwise(reason_expr)
-        dropped = dropped.with_columns(step_expr.alias("step"), reason_expr.alias("reason"))
-    else:
-        dropped = dropped.with_columns(pl.lit(None, dtype=pl.Utf8).alias("step"), pl.lit(None, dtype=pl.Utf8).alias("reason"))
-    if ingest_rejects.height:
-        ing = ingest_rejects.with_columns(pl.lit("ingest").alias("step"))
-        return pl.concat([dropped, ing], how="diagonal_relaxed")
-    return dropped
-
-
-def _maybe_report(run_dir: Path, say: Any) -> None:
-    """Write report.html when the report module is available (issue 10)."""
-    try:
-        from curate.report import write_report  # type: ignore[attr-defined]
-    except ImportError:
-        return
+def _write_report(run_dir: Path, say: Any) -> None:
+    """Write ``report.html``; a report that fails is logged and never fails the finished run."""
     try:
         write_report(run_dir, run_dir / "report.html")
     except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import polars as pl
 
 from curate.errors import SchemaError
-from curate.features.store import FeatureStore
+from curate.io.store import FeatureStore
 
 
 @dataclass

@@ -62,7 +62,7 @@ def ches(input_path: str, output: str, model: str, keep_bottom: float | None, dr
          threshold: float | None, length_normalize: bool, max_length: int, batch_size: int, device: str,
          as_json: bool) -> None:
     """Filter preference pairs of IN by CHES / LN-CHES (Razin et al., ICLR 2025) into OUT_DIR."""
-    from curate.features.store import FeatureStore
+    from curate.io.store import FeatureStore
     from curate.io.writers import write_json, write_parquet
     from curate.selectors.ches import ChesSelector, ches_features, pair_problems
 
@@ -117,7 +117,7 @@ def ches(input_path: str, output: str, model: str, keep_bottom: float | None, dr
 def diagnose(input_path: str, output: str, model: str, scorers: tuple[str, ...], max_length: int, batch_size: int,
              device: str, as_json: bool) -> None:
     """Diagnose preference pairs of IN: reference margin, ranking accuracy, length bias, agreement, RM votes."""
-    from curate.features.store import FeatureStore
+    from curate.io.store import FeatureStore
     from curate.io.writers import write_json, write_parquet
     from curate.preference.diagnostics import Diagnose
 

@@ -1,4 +1,4 @@
-"""The HTML report of a run folder (issue 10): ``write_report(run_dir, out_path)``.
+"""The HTML report of a run folder: ``write_report(run_dir, out_path)``.
 
 The runner calls :func:`write_report` at the end of every run (``<run_dir>/report.html``); the CLI
 verb is ``curate report RUN_DIR -o report.html``. Modules: :mod:`curate.report.stats` (numbers),

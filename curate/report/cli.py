@@ -25,3 +25,6 @@ def report(run_dir: str, output: str | None, as_json: bool) -> None:
         click.echo(json.dumps(summary, default=str))
     else:
         click.echo(f"wrote {out} ({summary['bytes']:,} bytes; sections: {', '.join(rep.sections)})")
+
+
+COMMANDS = (report,)

@@ -3,7 +3,7 @@
 Everything is read back from the files the runner writes (``curate.pipeline.runner``):
 ``manifest.json`` (the funnel), ``curated.parquet`` / ``rejected.parquet`` (every row with its step
 columns), ``steps/00-ingest/targets.parquet`` (targets, when the recipe has them) and
-``features/`` (the run's :class:`~curate.features.store.FeatureStore`). Each function returns plain
+``features/`` (the run's :class:`~curate.io.store.FeatureStore`). Each function returns plain
 data (dicts, lists, numpy arrays) so it can be tested against hand-worked values.
 """
 
@@ -20,7 +20,8 @@ import numpy as np
 import polars as pl
 
 from curate.errors import RecipeError, SchemaError
-from curate.features.store import FeatureSet, FeatureStore
+from curate.io.store import FeatureSet, FeatureStore
+from curate.pipeline.outcome import reason_category
 from curate.schema import texts
 
 SUFFIX_SCORE = "__score"
@@ -348,13 +349,11 @@ def samples_per_reason(rows: pl.DataFrame, ingest_rejects: pl.DataFrame | None =
                        per_reason: int = 3, max_reasons: int = 60, max_chars: int = 600) -> list[dict[str, Any]]:
     """Example dropped rows for each (step, reason category), largest groups first.
 
-    Reasons are grouped like the funnel (``curate.pipeline.runner.reason_category``: uids become
+    Reasons are grouped like the funnel (``curate.pipeline.outcome.reason_category``: uids become
     ``<uid>``, numbers ``#``), ordered by ``step_order`` (the recipe's steps; ingest first), then
     by size. Examples are the first ``per_reason`` rows by uid; texts are cut at ``max_chars``
     characters (not escaped here: the HTML layer escapes).
     """
-    from curate.pipeline.runner import reason_category
-
     groups: list[dict[str, Any]] = []
     dropped = rows.filter(~pl.col("_kept")) if rows.height else rows
     if dropped.height and "reason" in dropped.columns:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from curate.errors import SchemaError
-from curate.features.store import FeatureSet
+from curate.io.store import FeatureSet
 from curate.selectors.base import SelectContext
 
 CHUNK_ELEMS = 2**24  # rows per chunk so that a chunk of A holds ~16M float64 values

@@ -33,7 +33,7 @@ import numpy as np
 import polars as pl
 
 from curate.errors import MissingFeatureError, SchemaError, param_error
-from curate.features.store import FeatureSet
+from curate.io.store import FeatureSet
 
 KEPT = "kept"
 BELOW_CUTOFF = "below_budget_cutoff"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -245,17 +246,112 @@ def dsir_counts(texts: list[str], n_buckets: int, ngrams: int) -> np.ndarray:
     return out
 
 
+#: Bucket-probability estimators of :func:`dsir_log_weights` (see :class:`DSIRSelector`).
+DSIR_SMOOTHINGS = ("add_alpha", "reference")
+
+
+def dsir_log_weights(pool: np.ndarray, target: np.ndarray, *, smoothing: str = "add_alpha", alpha: float = 0.5,
+                     normalise: bool = True) -> np.ndarray:
+    """DSIR log importance weights of the pool rows from hashed n-gram counts.
+
+    Args:
+        pool: (N, B) n-gram bucket counts of the pool rows (:func:`dsir_counts`).
+        target: (M, B) bucket counts of the target rows.
+        smoothing: ``"add_alpha"``: p_b = (c_b + α) / (Σ_b' c_b' + α·B) for both bag models;
+            ``"reference"``: p_b = c_b / Σ c + 1e-8, the p-lambda/dsir estimator.
+        alpha: the pseudo-count α of ``"add_alpha"`` (ignored by ``"reference"``).
+        normalise: divide each row's log-weight by its number of n-grams n(x) = Σ_b c_b(x);
+            rows with no n-gram get 0.
+
+    Returns:
+        (N,) float64: log w(x) = Σ_b c_b(x)·(log p_tgt,b − log p_raw,b), or that divided by n(x).
+    """
+    pool = np.asarray(pool, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    if smoothing == "reference":  # literally the reference arithmetic (same floating-point results)
+        p_raw = pool.sum(0) / max(pool.sum(), 1.0)
+        p_tgt = target.sum(0) / max(target.sum(), 1.0)
+        u = np.log(p_tgt + 1e-8) - np.log(p_raw + 1e-8)
+    elif smoothing == "add_alpha":
+        check_float("DSIR", "alpha", alpha, 0.0, lo_open=True)
+        n_buckets = pool.shape[1]
+        c_raw, c_tgt = pool.sum(0), target.sum(0)
+        u = (np.log(c_tgt + alpha) - np.log(c_tgt.sum() + alpha * n_buckets)
+             - np.log(c_raw + alpha) + np.log(c_raw.sum() + alpha * n_buckets))
+    else:
+        raise param_error("DSIR", "smoothing", f"one of {list(DSIR_SMOOTHINGS)}", smoothing)
+    logw = pool @ u
+    if normalise:
+        n = pool.sum(1)
+        logw = np.divide(logw, n, out=np.zeros_like(logw), where=n > 0)
+    return logw
+
+
 @dataclass(frozen=True, kw_only=True)
 class DSIRSelector(BaseSelector):
     """DSIR importance resampling with hashed n-gram features.
 
     Xie et al., "Data Selection for Language Models via Importance Resampling", NeurIPS 2023,
-    arXiv 2302.03169 (code ``p-lambda/dsir``); specs/preference-diagnostics.md §8. Bag-of-hashed-
-    n-gram models of the pool and of the targets, log importance weight
-    log w(x) = Σ_b c_b(x)·(log p_tgt,b − log p_raw,b), then Gumbel top-k (sampling without
-    replacement ∝ w). Deviations (reference defects fixed): the weights reuse the fitted
-    ``n_buckets``/``ngrams``; the Gumbel noise is seeded. The raw model is fitted on all pool rows.
-    Multiple targets with quotas are not implemented (one target distribution).
+    arXiv 2302.03169 (code ``p-lambda/dsir``). Each text x is lower-cased and cut into
+    ``\\w+|[^\\w\\s]+`` tokens; its 1..``ngrams``-grams are hashed into B = ``n_buckets`` buckets,
+    giving counts c_b(x) and n(x) = Σ_b c_b(x) n-grams. A bag-of-hashed-n-grams model is fitted to
+    the pool ("raw", all pool rows) and one to the targets, from C_b = Σ_x c_b(x), C = Σ_b C_b::
+
+        log w(x) = Σ_b c_b(x) · (log p_tgt,b − log p_raw,b)                          (1)
+
+    and k rows are drawn without replacement with probability ∝ w(x) by the Gumbel top-k trick
+    (key log w(x) + G, G ~ Gumbel(0, 1), seeded), or taken by the largest log w when ``top_k``.
+
+    **Why the reference estimator fails on a small target.** The reference code estimates
+    p_b = C_b / C + 1e-8. A target of a few dozen rows has C_tgt of a few thousand n-gram tokens
+    for B = 10⁴ buckets, so most buckets are unseen (C_tgt,b = 0) and every n-gram of x falling
+    in one adds log(1e-8) − log p_raw,b ≈ −18 + 9 to (1). The sum over the n(x) n-grams is then
+    dominated by −9 · (number of unseen n-grams): a length penalty, and the shortest generic rows
+    win whatever the target.
+
+    **The default** (``smoothing="add_alpha"``, ``alpha=0.5``, ``normalise`` on) makes two changes:
+
+    * add-α (Lidstone) smoothing of both bag models, p_b = (C_b + α) / (C + α·B): the posterior
+      mean of p under a symmetric Dirichlet(α) prior; α = 1/2 is the Jeffreys
+      (Krichevsky–Trofimov) prior. An unseen target bucket now costs
+      log(α / (C_tgt + α·B)) − log p_raw,b, about −1 instead of about −9, and the log-ratios of
+      buckets with few target counts are shrunk towards 0 rather than trusted.
+    * per-n-gram normalisation, ℓ(x) = log w(x) / n(x): the mean log-likelihood ratio per n-gram,
+      the log of the geometric-mean weight w(x)^{1/n(x)}. Under a bag model log w grows linearly
+      with n(x), so (1) ranks rows by length as much as by content; ℓ does not. Resampling uses
+      the key n̄·ℓ(x) + G, i.e. probability ∝ exp(n̄·ℓ(x)) = w(x)^{n̄/n(x)}, where n̄ is the
+      pool's mean n(x): the weight (1) that x's per-n-gram evidence would have in a row of
+      average length. This keeps the sharpness of DSIR's weights (sampling ∝ exp(ℓ) alone is
+      nearly uniform: 0.09–0.13 precision below). The ``logw`` column holds ℓ(x), ``key`` the key.
+      A row with no n-gram (an empty text) gets ℓ = 0, deterministically: w = 1, no evidence
+      either way, which is also the value (1) gives it (the empty sum).
+
+    Measured (in-domain precision of 60 picks; pool of 940 Alpaca + CodeAlpaca rows with 60
+    GSM8K train rows, or 60 MMLU val rows, hidden; target 30 other rows of the same set; mean of
+    3 pool draws; top_k / Gumbel top-k; random picks give 0.06)::
+
+        task  text_field       reference    α=0.1        α=0.5 (default)  α=1.0        α=5.0
+        gsm8k prompt+response  0.02 / 0.02  0.85 / 0.85  0.88 / 0.89      0.89 / 0.89  0.78 / 0.78
+        gsm8k prompt           0.00 / 0.00  0.69 / 0.68  0.68 / 0.67      0.61 / 0.61  0.44 / 0.43
+        mmlu  prompt+response  0.13 / 0.13  0.74 / 0.74  0.73 / 0.73      0.68 / 0.68  0.41 / 0.41
+        mmlu  prompt           0.02 / 0.02  0.57 / 0.57  0.60 / 0.59      0.55 / 0.53  0.24 / 0.26
+
+    (α columns normalised.) Each change alone: the reference estimator normalised gets
+    0.74 / 0.53 / 0.57 / 0.30 (top_k, rows as above); add-α = 0.5 unnormalised 0.73 / 0.20 /
+    0.54 / 0.18. α = 0.5 has the best mean over the four settings (0.72; α = 0.1: 0.71,
+    α = 1.0: 0.68). ``normalise=None`` (the default) means on for ``add_alpha`` and off for
+    ``reference``, so ``smoothing="reference"`` alone reproduces the reference numbers exactly;
+    either smoothing combines with an explicit ``normalise``.
+
+    A target with fewer n-gram tokens than buckets (C_tgt < B) draws a warning: its bag model
+    cannot be estimated bucket by bucket and the weights rest on the smoothing (fewer
+    ``n_buckets`` or more target rows help).
+
+    Deviations from the paper and the reference code: add-α smoothing and per-n-gram
+    normalisation by default (``smoothing="reference"`` keeps the reference estimator and (1));
+    the weights reuse the fitted ``n_buckets``/``ngrams``; the Gumbel noise is seeded; the raw
+    model is fitted on all pool rows; multiple targets with quotas are not implemented (one
+    target distribution).
     """
 
     name: ClassVar[str] = "dsir"
@@ -265,8 +361,13 @@ class DSIRSelector(BaseSelector):
     top_k: bool = False
     text_field: str = "prompt+response"
     target_field: str = "prompt+response"
+    smoothing: str = "add_alpha"
+    alpha: float = 0.5
+    normalise: bool | None = None
     invalid_examples: ClassVar[tuple[tuple[str, Any], ...]] = (
         ("n_buckets", 0), ("ngrams", 0), ("text_field", "body"), ("target_field", "body"),
+        ("smoothing", "laplace"), ("smoothing", ""), ("alpha", 0.0), ("alpha", -1.0), ("alpha", float("inf")),
+        ("normalise", "yes"), ("normalise", 1),
     )
 
     def __post_init__(self) -> None:
@@ -277,17 +378,38 @@ class DSIRSelector(BaseSelector):
         check_bool("DSIR", "top_k", self.top_k)
         check_choice("DSIR", "text_field", self.text_field, TEXT_FIELDS)
         check_choice("DSIR", "target_field", self.target_field, TEXT_FIELDS)
+        check_choice("DSIR", "smoothing", self.smoothing, DSIR_SMOOTHINGS)
+        check_float("DSIR", "alpha", self.alpha, 0.0, lo_open=True)
+        if self.normalise is not None:
+            check_bool("DSIR", "normalise", self.normalise)
+
+    @property
+    def per_ngram(self) -> bool:
+        """Whether the log-weights are divided by the row's n-gram count (``normalise`` resolved)."""
+        return self.smoothing != "reference" if self.normalise is None else self.normalise
 
     def _score(self, ctx: SelectContext) -> tuple[np.ndarray, dict[str, Any]]:
         from curate.schema import texts
 
         pool = dsir_counts(texts(ctx.table, self.text_field), self.n_buckets, self.ngrams)
         tgt = dsir_counts(texts(ctx.targets, self.target_field), self.n_buckets, self.ngrams)
-        p_raw = pool.sum(0) / max(pool.sum(), 1.0)
-        p_tgt = tgt.sum(0) / max(tgt.sum(), 1.0)
-        u = np.log(p_tgt + 1e-8) - np.log(p_raw + 1e-8)
-        logw = pool @ u
-        key = logw if self.top_k else logw + ctx.rng.gumbel(size=ctx.n)
+        n_tgt = int(tgt.sum())
+        if n_tgt < self.n_buckets:
+            warnings.warn(
+                f"dsir: the target has {n_tgt} n-gram tokens ({ctx.targets.height} row"
+                f"{'' if ctx.targets.height == 1 else 's'}) for {self.n_buckets} "
+                f"hash buckets, so its bag model cannot be estimated (at least {self.n_buckets - n_tgt} buckets "
+                "are unseen); the weights rest on the smoothing. Use fewer n_buckets or more target rows.",
+                stacklevel=2,
+            )
+        logw = dsir_log_weights(pool, tgt, smoothing=self.smoothing, alpha=float(self.alpha),
+                                normalise=self.per_ngram)
+        if self.per_ngram:  # resample ∝ exp(n̄·ℓ(x)): the weight of a row of mean length (class docstring)
+            n_mean = float(pool.sum(1).mean()) if ctx.n else 0.0
+            logw_sample = logw * (n_mean if n_mean > 0 else 1.0)
+        else:
+            logw_sample = logw
+        key = logw_sample if self.top_k else logw_sample + ctx.rng.gumbel(size=ctx.n)
         return key, {"logw": logw, "key": key}
 
 
@@ -300,6 +422,6 @@ def kl_divergence(p: np.ndarray, q: np.ndarray, eps: float = 1e-10) -> float:
 
 
 __all__ = [
-    "DSIRSelector", "DeitaSelector", "KCenterSelector", "RandomSelector", "TopKSelector", "dsir_bucket",
-    "dsir_counts", "kl_divergence",
+    "DSIR_SMOOTHINGS", "DSIRSelector", "DeitaSelector", "KCenterSelector", "RandomSelector", "TopKSelector",
+    "dsir_bucket", "dsir_counts", "dsir_log_weights", "kl_divergence",
 ]

@@ -52,7 +52,7 @@ import polars as pl
 
 from curate._lazy import require
 from curate.errors import SchemaError, param_error
-from curate.features.store import FeatureSet, FeatureStore, cache_key
+from curate.io.store import FeatureSet, FeatureStore, cache_key
 from curate.pipeline.registry import register_step
 from curate.pipeline.step import StepContext
 from curate.selectors.base import BaseSelector, Choice, SelectContext, check_choice
@@ -693,14 +693,6 @@ def pair_problems(table: pl.DataFrame) -> list[str]:
             out.append("")
     return out
 
-
-def _register() -> None:
-    from curate.selectors import register_selector
-
-    register_selector(ChesSelector)
-
-
-_register()
 
 __all__ = [
     "FEATURE", "ChesSelector", "ChesStates", "ResponseStats", "SideIds", "ches_features", "ches_from_states", "ches_from_sums",

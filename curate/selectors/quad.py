@@ -666,13 +666,3 @@ class QuadSelector(BaseSelector):
         idx = np.asarray(extra, dtype=np.int64)
         reasons[idx] = FILLED
         return np.concatenate([order, idx]).astype(np.int64)
-
-
-
-def _register() -> None:
-    from curate.selectors import register_selector
-
-    register_selector(QuadSelector)
-
-
-_register()

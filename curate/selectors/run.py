@@ -12,6 +12,7 @@ OUT_DIR/manifest.json     selector, params, budget, seed, inputs with sha256, di
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ import polars as pl
 import yaml
 
 from curate.errors import MissingFeatureError, RecipeError
-from curate.features.store import FeatureSet, FeatureStore
+from curate.features.store import FeatureSet
 from curate.selectors.base import Budget, Selection
 
 
@@ -36,22 +37,91 @@ def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _load_features(folder: str | os.PathLike[str], roles: Sequence[str], defaults: Mapping[str, str],
-                   label: str) -> dict[str, FeatureSet]:
-    """A feature-set folder (``values.npy`` inside) fills the first of ``roles``; a store root
-    fills every role by its default feature name or by the role name."""
+def _store_sets(folder: Path) -> dict[str, Path]:
+    """Feature-set name -> folder for every set directly inside the store ``folder`` (sorted by folder)."""
+    out: dict[str, Path] = {}
+    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if (d / "values.npy").exists():
+            name = d.name
+            if (d / "meta.json").exists():
+                name = json.loads((d / "meta.json").read_text()).get("name", d.name)
+            out[str(name)] = d
+    return out
+
+
+def resolve_feature_set(
+    folder: str | os.PathLike[str],
+    *,
+    names: Sequence[str] = (),
+    target: bool = False,
+    pool_name: str | None = None,
+    label: str = "--features",
+    choose: str | None = None,
+) -> FeatureSet:
+    """The one feature set that a feature-folder argument (``--features``, ``--target-features``,
+    ``--scores``, ``curate whiten FEAT_DIR``) stands for.
+
+    ``folder`` is either a feature-set folder (``values.npy``, ``uids.parquet``, ``meta.json``
+    inside, e.g. ``feats/embed__prompt``), used as it is, or a store folder holding such sets
+    (what ``curate embed -o feats/`` or a recipe run's ``features/`` writes). In a store, the
+    first of ``names`` present wins; failing that:
+
+    * pool side (``target=False``): the store's only set whose name does not end in ``/targets``;
+    * target side: the store's only set; else ``<pool_name>/targets``; else ``<name>/targets``
+      where ``<name>`` is the store's only pool-side set (a recipe store holds both).
+
+    Raises:
+        MissingFeatureError: ``folder`` does not exist, holds no feature set, or holds several
+            candidate sets and none of ``names``; the message lists the sets and the folder of one
+            of them to point at instead (and ``choose``, an option that picks a set by name).
+    """
     folder = Path(folder)
-    if not folder.exists():
+    if not folder.is_dir():
         raise MissingFeatureError(f"{label} folder {folder} does not exist.")
     if (folder / "values.npy").exists():
-        return {roles[0]: FeatureSet.load(folder)} if roles else {}
-    store = FeatureStore(folder)
-    out = {}
+        return FeatureSet.load(folder)
+    sets = _store_sets(folder)
+    if not sets:
+        raise MissingFeatureError(f"{label} folder {folder} holds no feature set (no values.npy in it or in a "
+                                  "subfolder); write one with `curate embed` / `curate gradients`.")
+    for name in names:
+        if name in sets:
+            return FeatureSet.load(sets[name])
+    pool_side = [n for n in sets if not n.endswith("/targets")]
+    if not target and len(pool_side) == 1:
+        return FeatureSet.load(sets[pool_side[0]])
+    if target:
+        tries = [next(iter(sets))] if len(sets) == 1 else []
+        tries += [f"{pool_name}/targets"] if pool_name else []
+        tries += [f"{pool_side[0]}/targets"] if len(pool_side) == 1 else []
+        for name in tries:
+            if name in sets:
+                return FeatureSet.load(sets[name])
+    side = "target" if target else "pool"
+    side_sets = [n for n in sets if n.endswith("/targets")] if target else pool_side
+    example = sets[(side_sets or list(sets))[0]]
+    msg = f"{label} {folder} is a feature store with {len(sets)} feature set(s) {list(sets)}"
+    msg += f", none of them {' or '.join(map(repr, names))}" if names else ""
+    msg += (f", so it does not say which {side} set to use. Point {label} at one set's folder, "
+            f"e.g. {label} {example}") + (f", or choose one with {choose}." if choose else ".")
+    raise MissingFeatureError(msg)
+
+
+def _load_features(folder: str | os.PathLike[str], roles: Sequence[str], defaults: Mapping[str, str],
+                   label: str, pool_names: Mapping[str, str] | None = None) -> dict[str, FeatureSet]:
+    """Fill every role in ``roles`` from ``folder`` (:func:`resolve_feature_set`): a feature-set
+    folder fills them all; in a store each role takes its default feature name (``defaults``), the
+    role name, or the store's one candidate set. ``pool_names`` (pool role -> the set name it got)
+    lets ``target_<role>`` find ``<name>/targets``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingFeatureError(f"{label} folder {folder} does not exist.")
+    out: dict[str, FeatureSet] = {}
     for role in roles:
-        for name in (defaults.get(role), role):
-            if name and name in store:
-                out[role] = store[name]
-                break
+        target = role.startswith("target_")
+        names = [n for n in (defaults.get(role), role) if n]
+        pool_name = (pool_names or {}).get(role[len("target_"):]) if target else None
+        out[role] = resolve_feature_set(folder, names=names, target=target, pool_name=pool_name, label=label)
     return out
 
 
@@ -98,7 +168,8 @@ def select_files(
     if features is not None:
         feats.update(_load_features(features, pool_roles, cls.default_features, "--features"))
     if target_features is not None:
-        feats.update(_load_features(target_features, target_roles, cls.default_features, "--target-features"))
+        feats.update(_load_features(target_features, target_roles, cls.default_features, "--target-features",
+                                    pool_names={r: fs.name for r, fs in feats.items()}))
     if scores is not None:
         feats.update(_load_features(scores, ["scores"], {}, "--scores"))
     targets = pl.read_parquet(target) if target is not None else None
@@ -113,9 +184,13 @@ def select_files(
     for label, p in (("target", target),):
         if p is not None:
             inputs[label] = {"path": str(p), "sha256": sha256_file(p)}
+    used = {r: fs.name for r, fs in feats.items()}
     for label, p in (("features", features), ("target_features", target_features), ("scores", scores)):
         if p is not None:
             inputs[label] = {"path": str(p)}
+    for label, rs in (("features", pool_roles), ("target_features", target_roles), ("scores", ["scores"])):
+        if label in inputs and any(r in used for r in rs):
+            inputs[label]["sets"] = {r: used[r] for r in rs if r in used}
     manifest = {
         "command": "select", "selector": name, "params": res.params, "budget": bud.describe(), "seed": seed,
         "inputs": inputs, "n_rows": table.height, "n_kept": res.n_kept, "diagnostics": res.diagnostics,

@@ -92,7 +92,7 @@ def test_benchmarks_render_empty_and_missing(mr, tmp_path):
 def test_benchmarks_run_commands_and_failures(tmp_path):
     run = _load("run")
     names = [s.name for s in run.scripts()]
-    assert "selection_quality.py" in names and all(n.endswith(".py") for n in names)
+    assert "targeted_selection.py" in names and all(n.endswith(".py") for n in names)
     ok = tmp_path / "ok.py"
     ok.write_text("print('fine')\n", encoding="utf-8")
     bad = tmp_path / "bad.py"

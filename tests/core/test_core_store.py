@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from curate.errors import MissingFeatureError, SchemaError
-from curate.features.store import FeatureSet, FeatureStore, cache_key
+from curate.io.store import FeatureSet, FeatureStore, cache_key
 
 
 def _fs() -> FeatureSet:

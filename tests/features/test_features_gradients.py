@@ -13,6 +13,7 @@ torch.set_num_threads(2)
 
 from curate.errors import ParameterError, SchemaError  # noqa: E402
 from curate.features import projection  # noqa: E402
+from curate.features.checkpoints import lr_weights, stack_checkpoints  # noqa: E402
 from curate.features.gradients import (  # noqa: E402
     GradFeaturesStep,
     adam_precondition,
@@ -20,14 +21,12 @@ from curate.features.gradients import (  # noqa: E402
     check_compatible,
     compute_grad_features,
     load_adam_state,
-    lr_weights,
     normalise_rows,
     per_example_grads,
-    row_losses,
     select_parameters,
-    stack_checkpoints,
 )
 from curate.features.lm import encode_examples  # noqa: E402
+from curate.features.lm_batches import row_losses  # noqa: E402
 from curate.features.projection import Projector  # noqa: E402
 from curate.features.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer  # noqa: E402
 from curate.schema import make_record, to_frame  # noqa: E402
@@ -117,7 +116,7 @@ def test_batch_invariance(llama, enc, tok, method):
 
 
 def test_separability(llama, enc, tok):
-    from curate.features.gradients import collate
+    from curate.features.lm_batches import collate
 
     layout = select_parameters(llama, "mlp")
     g, _ = per_example_grads(llama, layout, enc, method="hooks", pad_token_id=tok.pad_token_id)

@@ -12,19 +12,17 @@ pytest.importorskip("peft")
 torch.set_num_threads(2)
 
 from curate.errors import ParameterError, SchemaError  # noqa: E402
+from curate.features.checkpoints import lr_weights, read_checkpoint, resolve_checkpoints  # noqa: E402
 from curate.features.gradients import (  # noqa: E402
     GradFeaturesStep,
     adam_precondition,
     compute_grad_features,
     load_adam_state,
-    lr_weights,
     per_example_grads,
-    read_checkpoint,
-    resolve_checkpoints,
-    row_losses,
     select_parameters,
 )
 from curate.features.lm import encode_examples, load_causal_lm  # noqa: E402
+from curate.features.lm_batches import row_losses  # noqa: E402
 from curate.features.projection import Projector  # noqa: E402
 from curate.features.tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 from curate.features.warmup import (  # noqa: E402
@@ -71,7 +69,7 @@ def trained(tiny_folder, tmp_path_factory):
 
 def _mean_loss(model, examples):
     ids = [e for e in examples if e.n_response]
-    from curate.features.gradients import collate
+    from curate.features.lm_batches import collate
 
     with torch.no_grad():
         x, y = collate(ids, 0)

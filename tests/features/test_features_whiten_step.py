@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from curate.errors import MissingFeatureError, ParameterError, SchemaError
-from curate.features.gradients import stack_checkpoints
+from curate.features.checkpoints import stack_checkpoints
 from curate.features.store import FeatureSet, FeatureStore
 from curate.features.whiten import WhitenStep, mahalanobis_cosine
 from curate.pipeline.step import StepContext, check_step_output

@@ -41,23 +41,26 @@ def _code_share(pool: pl.DataFrame, uids: list[str]) -> float:
 
 
 def test_selectors_real_dsir_code_share(data_dir) -> None:
-    """The fitted importance model prefers code rows per n-gram; the selection itself is dominated
-    by text length (log w sums over n-grams and a 50-prompt target leaves most buckets at p_tgt = 0,
-    so short rows win: measured code share 0.18 against a pool share of 0.2). Reported, not asserted,
-    because that length effect is DSIR as published (specs/preference-diagnostics.md §8)."""
+    """With the reference estimator the fitted importance model prefers code rows per n-gram, but the
+    selection is dominated by text length (log w sums over n-grams and a 50-prompt target leaves most
+    buckets at p_tgt = 0, so short rows win: code share 0.18 against a pool share of 0.2). The
+    default (add-α smoothing, per-n-gram weights) turns that preference into the selection."""
     from curate.selectors.baselines import dsir_counts
 
     pool, targets = _pool_and_targets(data_dir, 1000, 250, 50)
-    res = DSIRSelector(top_k=True).select(pool, {}, 125, targets=targets, seed=0)
+    res = DSIRSelector(top_k=True, smoothing="reference").select(pool, {}, 125, targets=targets, seed=0)
     frame = res.frame.join(pool.select("uid", "source"), on="uid")
     ngrams = dsir_counts(texts(pool, "prompt+response"), 10000, 2).sum(1)
     frame = frame.join(pl.DataFrame({"uid": pool["uid"], "ng": ngrams}), on="uid")
     per = frame.with_columns((pl.col("logw") / pl.col("ng")).alias("per")).group_by("source").agg(pl.col("per").mean())
     per_code = per.filter(pl.col("source") == "code")["per"].item()
     per_general = per.filter(pl.col("source") == "alpaca")["per"].item()
-    print(f"DSIR code share {_code_share(pool, res.kept_uids):.3f} (pool 0.2); per-n-gram log w code {per_code:.3f} "
-          f"vs alpaca {per_general:.3f}")
     assert per_code > per_general + 0.3
+    ref_share = _code_share(pool, res.kept_uids)
+    default = DSIRSelector(top_k=True).select(pool, {}, 125, targets=targets, seed=0)
+    new_share = _code_share(pool, default.kept_uids)
+    print(f"DSIR code share: reference {ref_share:.3f}, default {new_share:.3f} (pool 0.2)")
+    assert ref_share < 0.25 and new_share > 0.4
 
 
 @pytest.mark.slow

@@ -165,3 +165,59 @@ def test_selectors_tarot_knn_growth(planted) -> None:
     pool, _, tgt = planted
     res = _run(TarotSelector(k_nn=1, tie_break="score"), pool, tgt, 150)
     assert res.n_kept == 150
+
+
+def test_selectors_tarot_default_whitening_keeps_embedding_targets() -> None:
+    """On an embedding-shaped pool (topics in a few directions, noise in many), full whitening of
+    3,000 rows in 384 dimensions drowns the topics; the default low-rank whitening does not."""
+    import warnings
+
+    from curate.selectors import Budget
+    from curate.testing import embedding_pool
+
+    table, targets, feats = embedding_pool()
+    lut = dict(zip(table["uid"].to_list(), table["domain"].to_list(), strict=True))
+    prec = {}
+    for mode in ("auto", "full", "none"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = TarotSelector(whiten=mode).select(table, feats, Budget(fraction=0.05), targets=targets)
+        warned = any("poorly estimated" in str(w.message) for w in caught)
+        assert warned == (mode == "full"), (mode, [str(w.message) for w in caught])
+        prec[mode] = np.mean([lut[u] == "task" for u in res.kept_uids])
+        assert res.n_kept == 150
+        if mode == "auto":
+            assert res.diagnostics["whiten"] == "pca" and res.diagnostics["whiten_rank"] == (3000 + 32) // 50
+    assert prec["auto"] >= 0.8 and prec["none"] >= 0.8
+    assert prec["full"] < 0.5, prec  # the failure the default avoids: this pool can show it
+
+
+def test_selectors_tarot_whiten_modes_and_aliases() -> None:
+    assert TarotSelector(whiten=True).whiten == "full"
+    assert TarotSelector(whiten=False).whiten == "none"
+    rng = np.random.default_rng(0)
+    pool, tgt = rng.normal(size=(40, 6)), rng.normal(size=(5, 6))
+    # auto with 45 rows in 6 dims: 0 directions at 50 rows each -> unwhitened, with a warning
+    with pytest.warns(UserWarning, match="too few"):
+        res = _run(TarotSelector(), pool, tgt, 10)
+    assert res.diagnostics["whiten"] == "none"
+    assert _run(TarotSelector(samples_per_dim=5), pool, tgt, 10).diagnostics["whiten"] == "full"
+    res = _run(TarotSelector(whiten="pca", whiten_rank=3), pool, tgt, 10)
+    assert res.diagnostics["whiten_rank"] == 3
+
+
+def test_selectors_tarot_lowrank_whitening_at_full_rank_is_full_whitening() -> None:
+    from curate.features.whiten import lowrank_whiten
+
+    rng = np.random.default_rng(1)
+    mix = rng.normal(size=(5, 5))
+    pool, tgt = rng.normal(size=(200, 5)) @ mix, rng.normal(size=(7, 5)) @ mix
+    zd, zq = whiten(pool, tgt, ridge=0.0)
+    ld, lq = lowrank_whiten(pool, tgt, rank=5, shrink=0.0)
+    assert np.allclose(zd @ zq.T, ld @ lq.T, atol=1e-8)
+    ld2, lq2 = lowrank_whiten(pool, tgt, rank=2)
+    assert ld2.shape == (200, 2) and np.allclose(np.linalg.norm(ld2, axis=1), 1.0)
+    # invariant to an invertible linear map only at full rank; any rank is invariant to rotations
+    rot = np.linalg.qr(rng.normal(size=(5, 5)))[0]
+    rd, rq = lowrank_whiten(pool @ rot, tgt @ rot, rank=2)
+    assert np.allclose(rd @ rq.T, ld2 @ lq2.T, atol=1e-8)

@@ -1,14 +1,13 @@
 """CritiQ (Guo et al., ACL 2025, arXiv 2502.19279): LLM judges, the CritiQ Flow, agent annotation
 and the Bradley–Terry scorer with Gumbel top-k selection. See specs/critiq.md.
 
-Importing this package registers the ``critiq`` selector (and its pipeline step) and the
-``critiq_mine`` / ``critiq_annotate`` recipe steps. Heavy and
-HTTP dependencies (httpx, fastapi, uvicorn, torch, sklearn) are imported lazily.
+The ``critiq`` selector is listed in :data:`curate.selectors.SELECTORS`; importing this package
+registers the ``critiq_mine`` / ``critiq_annotate`` recipe steps. Heavy and HTTP dependencies
+(httpx, fastapi, uvicorn, torch, sklearn) are imported lazily.
 """
 
 from __future__ import annotations
 
-from curate.selectors import SELECTORS, register_selector
 from curate.selectors.critiq.annotate import annotate_pairs, annotate_table, make_pairs
 from curate.selectors.critiq.flow import (
     Criterion,
@@ -37,9 +36,6 @@ from curate.selectors.critiq.judge import (
 from curate.selectors.critiq.kb import STARTER_KB, load_kb
 from curate.selectors.critiq.scorer import CritiqSelector, fit_bradley_terry, gumbel_topk
 from curate.selectors.critiq.steps import CritiQAnnotate, CritiQMine
-
-if "critiq" not in SELECTORS:
-    register_selector(CritiqSelector)
 
 __all__ = [
     "STARTER_KB", "BudgetExceeded", "CacheMiss", "CritiQFlow", "CritiqSelector", "CritiQAnnotate", "CritiQMine", "Criterion", "FlowConfig",

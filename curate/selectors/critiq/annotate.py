@@ -18,13 +18,34 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from curate.errors import param_error
+from curate.errors import SchemaError, param_error
 from curate.schema import texts
 from curate.selectors.critiq.flow import Criterion, Pair, judge_pairs, majority_vote
 from curate.selectors.critiq.judge import JudgeSession
 
 PAIRS_SCHEMA = {"a_uid": pl.Utf8, "b_uid": pl.Utf8, "label": pl.Utf8, "winner_uid": pl.Utf8, "loser_uid": pl.Utf8,
                 "n_a": pl.Int64, "n_b": pl.Int64, "n_none": pl.Int64, "n_invalid": pl.Int64}
+
+
+def render_pair_texts(table: pl.DataFrame, prompt_chars: int | None = None) -> tuple[list[str], list[str]]:
+    """(chosen side, rejected side) texts of preference rows: the prompt (cut to ``prompt_chars``
+    characters when given) followed by the response."""
+    prompts, chosen, rejected = texts(table, "prompt"), texts(table, "chosen"), texts(table, "rejected")
+    if prompt_chars is not None:
+        prompts = [p[:prompt_chars] for p in prompts]
+    fmt = "[Instruction]\n{p}\n\n[Response]\n{r}"
+    return ([fmt.format(p=p, r=r) for p, r in zip(prompts, chosen, strict=True)],
+            [fmt.format(p=p, r=r) for p, r in zip(prompts, rejected, strict=True)])
+
+
+def human_pairs(table: pl.DataFrame) -> list[Pair]:
+    """Preference rows → :class:`Pair` (chosen is A and better; the Flow swaps)."""
+    pref = table.filter(pl.col("kind") == "preference")
+    if pref.height == 0:
+        raise SchemaError("no preference rows to mine criteria from.", field="kind", expected="'preference' rows",
+                          found=f"{table.height} rows of kinds {sorted(set(table['kind'].to_list()))}")
+    a, b = render_pair_texts(pref)
+    return [Pair(f"{u}:chosen", f"{u}:rejected", x, y, "A") for u, x, y in zip(pref["uid"].to_list(), a, b, strict=True)]
 
 
 def make_pairs(uids: Sequence[str], rendered: Sequence[str], *, n_pairs: int | None = None, n_buckets: int = 10,

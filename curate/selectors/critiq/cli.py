@@ -16,6 +16,8 @@ import click
 import polars as pl
 
 from curate.schema import TEXT_FIELDS, texts, validate_table
+from curate.selectors.critiq.annotate import human_pairs, render_pair_texts  # noqa: F401  (benchmarks import render_pair_texts from here)
+from curate.selectors.critiq.judge import open_session
 
 
 def _read(path: str) -> pl.DataFrame:
@@ -31,37 +33,6 @@ def _emit(as_json: bool, summary: dict[str, Any]) -> None:
     else:
         for k, v in summary.items():
             click.echo(f"{k}: {v}")
-
-
-def _session(url: str, model: str, cache: str, api_key_env: str, concurrency: int, mode: str = "read_write") -> Any:
-    from curate.selectors.critiq.judge import JudgeSession, OpenAICompatJudge
-
-    return JudgeSession(OpenAICompatJudge(url, model, api_key_env=api_key_env, max_concurrency=concurrency),
-                        cache, cache_mode=mode)
-
-
-def render_pair_texts(table: pl.DataFrame, prompt_chars: int | None = None) -> tuple[list[str], list[str]]:
-    """(chosen side, rejected side) texts of preference rows: the prompt (cut to ``prompt_chars``
-    characters when given) followed by the response."""
-    prompts, chosen, rejected = texts(table, "prompt"), texts(table, "chosen"), texts(table, "rejected")
-    if prompt_chars is not None:
-        prompts = [p[:prompt_chars] for p in prompts]
-    fmt = "[Instruction]\n{p}\n\n[Response]\n{r}"
-    return ([fmt.format(p=p, r=r) for p, r in zip(prompts, chosen, strict=True)],
-            [fmt.format(p=p, r=r) for p, r in zip(prompts, rejected, strict=True)])
-
-
-def human_pairs(table: pl.DataFrame) -> list[Any]:
-    """Preference rows → :class:`Pair` (chosen is A and better; the Flow swaps)."""
-    from curate.errors import SchemaError
-    from curate.selectors.critiq.flow import Pair
-
-    pref = table.filter(pl.col("kind") == "preference")
-    if pref.height == 0:
-        raise SchemaError("no preference rows to mine criteria from.", field="kind", expected="'preference' rows",
-                          found=f"{table.height} rows of kinds {sorted(set(table['kind'].to_list()))}")
-    a, b = render_pair_texts(pref)
-    return [Pair(f"{u}:chosen", f"{u}:rejected", x, y, "A") for u, x, y in zip(pref["uid"].to_list(), a, b, strict=True)]
 
 
 common = [
@@ -131,8 +102,8 @@ def mine_cmd(pairs_path: str, output: str, manager_url: str | None, manager_mode
 
     t0 = time.time()
     pairs = human_pairs(_read(pairs_path))
-    worker = _session(judge_url, judge_model, cache, api_key_env, concurrency)
-    manager = _session(manager_url or judge_url, manager_model or judge_model, cache, api_key_env, 1)
+    worker = open_session(judge_url, judge_model, cache, api_key_env, concurrency)
+    manager = open_session(manager_url or judge_url, manager_model or judge_model, cache, api_key_env, 1)
     kb = [] if kb_path == "none" else load_kb(kb_path)
     cfg = FlowConfig(n_criteria=n_criteria, epochs=epochs, max_llm_calls=max_llm_calls, seed=seed,
                      max_workers=concurrency, worker_max_tokens=max_tokens, worker_guided_choice=guided_choice)
@@ -165,7 +136,7 @@ def annotate_cmd(in_path: str, criteria_path: str, output: str, n_pairs: int | N
     t0 = time.time()
     table = _read(in_path)
     criteria = load_criteria(criteria_path)
-    worker = _session(judge_url, judge_model, cache, api_key_env, concurrency)
+    worker = open_session(judge_url, judge_model, cache, api_key_env, concurrency)
     out = annotate_table(table, criteria, worker, n_pairs=n_pairs, n_buckets=n_buckets, seed=seed,
                          max_workers=concurrency, max_tokens=max_tokens, guided_choice=guided_choice)
     write_parquet(out, output)
@@ -191,7 +162,7 @@ def score_cmd(in_path: str, pairs_path: str, out_dir: str, budget: str, temperat
     import numpy as np
 
     from curate.features.embed import embed_texts
-    from curate.features.store import FeatureSet
+    from curate.io.store import FeatureSet
     from curate.io.writers import write_json, write_parquet
     from curate.selectors.critiq.scorer import CritiqSelector
 

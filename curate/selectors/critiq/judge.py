@@ -337,6 +337,13 @@ class JudgeSession:
         return None, raw
 
 
+def open_session(url: str, model: str, cache: str | os.PathLike[str] | None, api_key_env: str, concurrency: int,
+                 mode: str = "read_write") -> JudgeSession:
+    """A :class:`JudgeSession` over an OpenAI-compatible endpoint (what the verbs and steps use)."""
+    return JudgeSession(OpenAICompatJudge(url, model, api_key_env=api_key_env, max_concurrency=concurrency),
+                        cache, cache_mode=mode)
+
+
 # --------------------------------------------------------------------------- parsing (§4)
 def extract_json(text: str) -> dict[str, Any]:
     """The JSON object between the first ``{`` and the last ``}`` of ``text``."""

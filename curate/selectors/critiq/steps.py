@@ -59,9 +59,9 @@ class _JudgeParams:
             raise param_error(owner, "guided_choice", "true or false", self.guided_choice)
 
     def _session(self, url: str | None = None, model: str | None = None, concurrency: int | None = None) -> Any:
-        from curate.selectors.critiq.cli import _session
+        from curate.selectors.critiq.judge import open_session
 
-        return _session(url or self.judge_url, model or self.judge_model, self.cache or None,  # type: ignore[arg-type]
+        return open_session(url or self.judge_url, model or self.judge_model, self.cache or None,  # type: ignore[arg-type]
                         self.api_key_env, concurrency or self.concurrency)
 
 
@@ -117,7 +117,7 @@ class CritiQMine(_JudgeParams):
         import numpy as np
 
         from curate.io.tables import read_table
-        from curate.selectors.critiq.cli import human_pairs
+        from curate.selectors.critiq.annotate import human_pairs
         from curate.selectors.critiq.flow import CritiQFlow, FlowConfig
         from curate.selectors.critiq.kb import load_kb
 
