@@ -1,4 +1,4 @@
-"""BIDS: exact pruned fast path vs the naive Algorithm-1 loop (issue 6, specs/less-bids.md B.4).
+"""BIDS: exact pruned fast path vs the naive Algorithm-1 loop (docs/methods/less-bids.md B.4).
 
 Random normal influence scores, column z-scored, budget = fraction·N. Both paths run in this
 process; the picks must be identical. At full scale (N = 300,000, M = 350, 15%) the naive loop

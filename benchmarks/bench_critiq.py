@@ -1,4 +1,4 @@
-"""CritiQ end to end on real PandaLM human pairs with the local SmolLM2 judge (issue 9).
+"""CritiQ end to end on real PandaLM human pairs with the local SmolLM2 judge.
 
 1. Ingest the PandaLM test set (three human annotators; ties and no-majority rows are dropped by
    the reader), seeded shuffle: ``--n-mine`` pairs to mine criteria from, a disjoint held-out set of

@@ -1,4 +1,4 @@
-"""EK-FAC influence benchmark (issue 5): time and memory of fit and score, agreement with exact.
+"""EK-FAC influence benchmark: time and memory of fit and score, agreement with exact.
 
 --quick: a tiny float64 transformer (tests/influence/_influence_models.py): EK-FAC vs the exact
 block-diagonal Fisher (Pearson) and wall time relative to the identity baseline in the same process.

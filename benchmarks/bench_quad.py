@@ -1,6 +1,6 @@
-"""Quad: quality reached versus influence evaluations spent, against exhaustive influence top-k (issue 8).
+"""Quad: quality reached versus influence evaluations spent, against exhaustive influence top-k.
 
-Pool: the synthetic cluster world of specs/quad.md §7(a) scaled up — K clusters with unit centroids
+Pool: the synthetic cluster world of docs/methods/quad.md §7(a) scaled up — K clusters with unit centroids
 in R^8, true cluster means μ_k = 0.002 + 0.003·(ĉ_k·w)/‖w‖, per-row influence ρ ~ N(μ_k, σ). The
 full selector path runs (faiss k-means on noisy embeddings around the centroids, chunks, bandit) with
 an oracle that returns ρ; every oracle call is one "influence evaluation".
@@ -101,7 +101,7 @@ def main() -> None:
                     "quick": args.quick},
            {"q_topk": q_topk, "q_cluster_oracle": q_cluster, "q_random": q_rand, "topk_evaluations": n,
             "curve": curve},
-           notes="synthetic cluster world (specs/quad.md §7a scaled); quality = mean per-row influence")
+           notes="synthetic cluster world (docs/methods/quad.md §7a scaled); quality = mean per-row influence")
 
 
 if __name__ == "__main__":

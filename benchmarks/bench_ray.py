@@ -1,10 +1,10 @@
-"""Ray vs local executor: MinHash signatures and embeddings over the same shards (issue 10).
+"""Ray vs local executor: MinHash signatures and embeddings over the same shards.
 
 Both executors run the same shard function over the same row shards of real data (Alpaca +
 CodeAlpaca): ``curate.curation.minhash.signature_shard`` (word 5-gram MinHash, 128 permutations)
 and a MiniLM embedding shard (``curate.embed_texts``). Reported per workload: rows/s local, rows/s
 Ray (``RayExecutor(num_cpus=2)``, a local Ray started in this process; its start-up time is
-reported apart), the overhead ratio Ray/local (issue 10 target: <= 1.3 on the same machine),
+reported apart), the overhead ratio Ray/local (target: <= 1.3 on the same machine),
 and whether the outputs are identical (signatures: bit-equal; embeddings: max abs difference).
 Each workload runs once untimed first (Ray workers import curate and load the model; the
 local process loads the model), then ``--repeat`` timed runs, best kept.

@@ -1,4 +1,4 @@
-"""TAROT fixed-size selection at scale (issue 6: N = 100,000, d = 256, M = 1,000, ≤ 60 s on 2 cores).
+"""TAROT fixed-size selection at scale (N = 100,000, d = 256, M = 1,000, ≤ 60 s on 2 cores).
 
 Synthetic Gaussian-mixture features: 50 pool clusters (3 of them hold 30% of the pool), targets drawn
 from those 3 with weights .6/.3/.1. Reports the

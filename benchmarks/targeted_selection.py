@@ -389,7 +389,7 @@ def summarise(outs: dict[str, dict[int, dict[str, Any]]], base: dict[str, Any], 
     summary: dict[str, Any] = {}
     for method, by_seed in outs.items():
         seeds = sorted(by_seed)
-        metrics: dict[str, Any] = {"seeds": seeds, "untrained": {t: round(base["loss"][t], 4) for t in TASKS}}
+        metrics: dict[str, Any] = {"untrained": {t: round(base["loss"][t], 4) for t in TASKS}}
         for t in TASKS:
             metrics[f"loss_{t}"] = round(float(np.mean([by_seed[s]["loss"][t] for s in seeds])), 4)
             common_seeds = [s for s in seeds if s in rand]
@@ -401,7 +401,7 @@ def summarise(outs: dict[str, dict[int, dict[str, Any]]], base: dict[str, Any], 
             metrics["precision_all"] = part1[method]["all"]["precision"]
         metrics["train_s"] = round(float(np.mean([by_seed[s]["train_s"] for s in seeds])), 1)
         metrics["peak_rss_mb"] = peak_rss_mb()
-        record("targeted_selection/downstream", {**common, "method": method, **cfg.__dict__}, metrics)
+        record("targeted_selection/downstream", {**common, "method": method, "seeds": seeds, **cfg.__dict__}, metrics)
         summary[method] = metrics
     return summary
 

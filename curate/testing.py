@@ -1,9 +1,14 @@
-"""Toy corpora with planted answers and the selector contract suite :func:`check_selector`."""
+"""Toy corpora with planted answers and the selector contract: one named check per property
+(:data:`SELECTOR_CHECKS`, :func:`selector_checks`) and :func:`check_selector`, which runs them all."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import tempfile
 import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +17,7 @@ import polars as pl
 from curate.errors import MissingFeatureError, ParameterError
 from curate.io.store import FeatureSet
 from curate.schema import make_record, to_frame
-from curate.selectors.base import Budget
+from curate.selectors.base import Budget, Selection
 
 _WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega", "apple", "river", "stone", "cloud", "green", "quick", "slow", "bright"]
 
@@ -77,29 +82,94 @@ class _Garbage:
         return "<garbage>"
 
 
-def check_selector(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
-    """The contract every registered selector passes (DESIGN.md "Selectors").
+# --------------------------------------------------------------------------- the selector contract
+# One named check per property (docs/architecture.md "Contracts"), scikit-learn style: each check builds the
+# selector from ``params`` (``None``: the class's contract parameters, see resolve_contract_params),
+# runs it on the toy pool of ``n`` rows and raises AssertionError naming the class and the property.
 
-    Checks: every parameter is validated with the one error template (a nonsense value, plus the
-    class's ``invalid_examples``); missing features raise :class:`MissingFeatureError`; one row per
-    candidate, each once; the budget (n, fraction, tokens) is respected; rank is 1..k on kept rows;
-    finite scores on kept rows and no NaN anywhere; non-empty reasons; same seed gives identical
-    frames; shuffling the rows gives the same selection; a budget above the pool warns and keeps
-    every row. Raises AssertionError naming the broken property.
 
-    ``params`` are the constructor arguments to use. When None and the class has a classmethod
-    ``contract_params(folder: Path, table: pl.DataFrame) -> dict``, that hook supplies them (it may
-    write files, e.g. judged pairs, into ``folder``; ``table`` is the toy pool the checks use).
+def resolve_contract_params(cls: type, folder: str | Path | None = None, *, n: int = 60,
+                            seed: int = 0) -> dict[str, Any]:
+    """The constructor arguments the contract checks use for ``cls``: its ``contract_params``.
+
+    ``contract_params`` is a dict ClassVar (``{}`` on :class:`~curate.selectors.base.BaseSelector`),
+    or a classmethod ``contract_params(folder: Path, table: pl.DataFrame) -> dict`` for parameters
+    that need files: it may write them (e.g. judged pairs) into ``folder`` (a new temporary folder
+    when None); ``table`` is the toy pool the checks use. A class without the attribute gets ``{}``.
     """
-    if params is None and hasattr(cls, "contract_params"):
-        import tempfile
-        from pathlib import Path
+    spec = getattr(cls, "contract_params", None)
+    if spec is None:
+        return {}
+    if callable(spec):
+        if folder is None:
+            folder = tempfile.mkdtemp(prefix=f"check_{getattr(cls, 'name', 'selector')}_")
+        return dict(spec(Path(folder), toy_table(n, seed)))
+    return dict(spec)
 
-        folder = Path(tempfile.mkdtemp(prefix=f"check_{getattr(cls, 'name', 'selector')}_"))
-        params = cls.contract_params(folder, toy_table(n, seed))
-    params = dict(params or {})
-    owner_prefix = "The '"
-    # ---- parameter validation
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """A selector built for the checks, with its toy pool, features and targets."""
+
+    who: str
+    sel: Any
+    table: pl.DataFrame
+    feats: dict[str, FeatureSet]
+    targets: pl.DataFrame
+    n: int
+    seed: int
+
+    def select(self, budget: Any) -> Selection:
+        return self.sel.select(self.table, self.feats, budget, seed=self.seed, targets=self.targets)
+
+    def select_shuffled(self, budget: Any) -> tuple[pl.DataFrame, Selection]:
+        """The pool with its rows permuted (and the targets reversed), and the selection from it."""
+        perm = np.random.default_rng(self.seed + 7).permutation(self.n)
+        shuffled = self.table[perm.tolist()]
+        return shuffled, self.sel.select(shuffled, self.feats, budget, seed=self.seed, targets=self.targets[::-1])
+
+
+def _setup(cls: type, params: dict[str, Any] | None, n: int, seed: int) -> _Setup:
+    params = resolve_contract_params(cls, n=n, seed=seed) if params is None else dict(params)
+    sel = cls(**params)
+    table, feats, targets = toy_inputs(sel, n=n, seed=seed)
+    return _Setup(cls.__name__, sel, table, feats, targets, n, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One selection the frame checks read: what was asked, the frame, the pool as passed, the most
+    rows the budget allows and the token budget (None unless the budget is in tokens)."""
+
+    what: str
+    frame: pl.DataFrame
+    table: pl.DataFrame
+    limit: int
+    tokens: float | None = None
+
+
+def _frame_runs(s: _Setup) -> Iterator[_Run]:
+    """Budgets 7, 0.25, {"n": 1} and {"tokens": 200}, then 12 on the shuffled pool."""
+    for budget, limit in ((7, 7), (0.25, int(0.25 * s.n)), ({"n": 1}, 1)):
+        yield _Run(f"budget {budget!r}", s.select(budget).frame, s.table, limit)
+    yield _Run("budget {'tokens': 200}", s.select({"tokens": 200}).frame, s.table, s.n, tokens=200)
+    shuffled, res = s.select_shuffled(12)
+    yield _Run("budget 12 on shuffled rows", res.frame, shuffled, 12)
+
+
+_FRAME_COLUMNS = (("uid", pl.Utf8), ("score", pl.Float64), ("keep", pl.Boolean), ("rank", pl.Int64),
+                  ("reason", pl.Utf8))
+
+
+def _has_columns(who: str, run: _Run, *cols: str) -> None:
+    for col in cols:
+        assert col in run.frame.columns, f"{who}: Selection.frame lacks '{col}' ({run.what})"
+
+
+def check_parameter_validation(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
+    """Every constructor parameter rejects a nonsense value, and the class's ``invalid_examples``,
+    with a ParameterError in the one template ("The 'p' parameter of X must be ... Got ...")."""
+    params = resolve_contract_params(cls, n=n, seed=seed) if params is None else dict(params)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
@@ -109,90 +179,210 @@ def check_selector(cls: type, params: dict[str, Any] | None = None, *, n: int = 
                 cls(**{**params, f.name: bad})
             except ParameterError as exc:
                 msg = str(exc)
-                assert msg.startswith(f"{owner_prefix}{f.name}' parameter of ") and " must be " in msg and "Got " in msg, (
+                assert msg.startswith(f"The '{f.name}' parameter of ") and " must be " in msg and "Got " in msg, (
                     f"{cls.__name__}: parameter '{f.name}' error does not follow the template: {msg}")
             else:
                 raise AssertionError(f"{cls.__name__}: parameter '{f.name}' accepted the invalid value {bad!r}")
-    sel = cls(**params)
-    table, feats, targets = toy_inputs(sel, n=n, seed=seed)
-    # ---- missing features
-    for role in sel.required_features():
-        less = {k: v for k, v in feats.items() if k != role}
+
+
+def check_missing_features(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
+    """Leaving out any required feature role raises MissingFeatureError."""
+    s = _setup(cls, params, n, seed)
+    for role in s.sel.required_features():
+        less = {k: v for k, v in s.feats.items() if k != role}
         try:
-            sel.select(table, less, 10, seed=seed, targets=targets)
+            s.sel.select(s.table, less, 10, seed=seed, targets=s.targets)
         except MissingFeatureError:
             pass
         else:
-            raise AssertionError(f"{cls.__name__}: missing feature role '{role}' did not raise MissingFeatureError")
-    if feats:  # a uid missing from a pool feature set
-        role = next(r for r in sel.required_features() if not r.startswith("target_"))
-        fs = feats[role]
-        cut = {**feats, role: FeatureSet(fs.name, fs.uids[1:], np.asarray(fs.values)[1:], dict(fs.meta))}
-        try:
-            sel.select(table, cut, 10, seed=seed, targets=targets)
-        except MissingFeatureError:
-            pass
-        else:
-            raise AssertionError(f"{cls.__name__}: a uid missing from '{role}' did not raise MissingFeatureError")
-    # ---- budgets
-    for budget, limit in ((7, 7), (0.25, int(0.25 * n)), ({"n": 1}, 1)):
-        res = sel.select(table, feats, budget, seed=seed, targets=targets)
-        _check_frame(cls, res.frame, table, limit)
+            raise AssertionError(f"{s.who}: missing feature role '{role}' did not raise MissingFeatureError")
+
+
+def check_missing_feature_uids(cls: type, params: dict[str, Any] | None = None, *, n: int = 60,
+                               seed: int = 0) -> None:
+    """A pool feature set that lacks one pool uid raises MissingFeatureError."""
+    s = _setup(cls, params, n, seed)
+    if not s.feats:
+        return
+    role = next(r for r in s.sel.required_features() if not r.startswith("target_"))
+    fs = s.feats[role]
+    cut = {**s.feats, role: FeatureSet(fs.name, fs.uids[1:], np.asarray(fs.values)[1:], dict(fs.meta))}
+    try:
+        s.sel.select(s.table, cut, 10, seed=seed, targets=s.targets)
+    except MissingFeatureError:
+        pass
+    else:
+        raise AssertionError(f"{s.who}: a uid missing from '{role}' did not raise MissingFeatureError")
+
+
+def check_frame_schema(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
+    """Selection.frame has ``uid`` str, ``score`` f64, ``keep`` bool, ``rank`` i64, ``reason`` str and
+    one row per candidate (budgets in rows, fraction, tokens, and on shuffled rows)."""
+    s = _setup(cls, params, n, seed)
+    for run in _frame_runs(s):
+        for col, dtype in _FRAME_COLUMNS:
+            _has_columns(s.who, run, col)
+            assert run.frame.schema[col] == dtype, (
+                f"{s.who}: '{col}' is {run.frame.schema[col]}, expected {dtype} ({run.what})")
+        assert run.frame.height == run.table.height, (
+            f"{s.who}: {run.frame.height} rows for a pool of {run.table.height} ({run.what})")
+
+
+def check_every_row_once(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
+    """Every candidate uid appears in the frame exactly once."""
+    s = _setup(cls, params, n, seed)
+    for run in _frame_runs(s):
+        _has_columns(s.who, run, "uid")
+        uids = run.frame["uid"]
+        assert uids.n_unique() == run.table.height and set(uids) == set(run.table["uid"]), (
+            f"{s.who}: not every candidate exactly once ({run.what})")
+
+
+def check_budget_respected(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
+    """No budget (n, fraction, {"n": 1}, tokens, on shuffled rows) keeps more than it allows; kept
+    rows fit a token budget."""
+    s = _setup(cls, params, n, seed)
+    for run in _frame_runs(s):
+        _has_columns(s.who, run, "uid", "keep")
+        k = int(run.frame["keep"].sum())
+        assert k <= run.limit, f"{s.who}: kept {k} rows over a budget of {run.limit} ({run.what})"
+        if run.tokens is not None:
+            kept = run.frame.join(run.table.select("uid", "n_tokens"), on="uid").filter(pl.col("keep"))
+            kept_tokens = kept["n_tokens"].sum()
+            assert kept_tokens <= run.tokens, f"{s.who}: token budget exceeded ({kept_tokens} > {run.tokens:g})"
+
+
+def check_budget_filled(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
+    """A selector whose ``fills_budget()`` is True keeps exactly the budget's rows (n and fraction)."""
+    s = _setup(cls, params, n, seed)
+    if not s.sel.fills_budget():
+        return
     for budget in (7, 0.25):
-        res = sel.select(table, feats, budget, seed=seed, targets=targets)
-        if sel.fills_budget():
-            want = Budget.parse(budget).rows(n)
-            assert res.n_kept == want, f"{cls.__name__}: kept {res.n_kept} rows for a budget of {want}"
-    res = sel.select(table, feats, {"tokens": 200}, seed=seed, targets=targets)
-    _check_frame(cls, res.frame, table, n)
-    kept_tokens = res.frame.join(table.select("uid", "n_tokens"), on="uid").filter(pl.col("keep"))["n_tokens"].sum()
-    assert kept_tokens <= 200, f"{cls.__name__}: token budget exceeded ({kept_tokens} > 200)"
-    # ---- determinism and row-order invariance
-    a = sel.select(table, feats, 12, seed=seed, targets=targets).frame
-    b = sel.select(table, feats, 12, seed=seed, targets=targets).frame
-    assert a.equals(b), f"{cls.__name__}: the same seed gave different results"
-    perm = np.random.default_rng(seed + 7).permutation(n)
-    shuffled = table[perm.tolist()]
-    c = sel.select(shuffled, feats, 12, seed=seed, targets=targets[::-1]).frame
-    _check_frame(cls, c, shuffled, 12)
-    assert c["uid"].to_list() == shuffled["uid"].to_list(), f"{cls.__name__}: frame not in the input row order"
+        res = s.select(budget)
+        want = Budget.parse(budget).rows(n)
+        assert res.n_kept == want, f"{s.who}: kept {res.n_kept} rows for a budget of {want}"
+
+
+def check_ranks(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
+    """``rank`` is 1..k on the k kept rows and null on dropped rows."""
+    s = _setup(cls, params, n, seed)
+    for run in _frame_runs(s):
+        _has_columns(s.who, run, "keep", "rank")
+        k = int(run.frame["keep"].sum())
+        ranks = sorted(run.frame.filter(pl.col("keep"))["rank"].to_list())
+        assert ranks == list(range(1, k + 1)), f"{s.who}: kept ranks are not 1..{k} ({run.what})"
+        assert run.frame.filter(~pl.col("keep"))["rank"].null_count() == run.table.height - k, (
+            f"{s.who}: dropped rows have a rank ({run.what})")
+
+
+def check_finite_scores(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
+    """No NaN score anywhere, and finite scores on kept rows (-inf may mark unscored dropped rows)."""
+    s = _setup(cls, params, n, seed)
+    for run in _frame_runs(s):
+        _has_columns(s.who, run, "keep", "score")
+        assert not np.isnan(run.frame["score"].to_numpy()).any(), f"{s.who}: NaN scores ({run.what})"
+        assert np.isfinite(run.frame.filter(pl.col("keep"))["score"].to_numpy()).all(), (
+            f"{s.who}: non-finite kept scores ({run.what})")
+
+
+def check_reasons(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
+    """Every row has a non-empty ``reason``."""
+    s = _setup(cls, params, n, seed)
+    for run in _frame_runs(s):
+        _has_columns(s.who, run, "reason")
+        assert (run.frame["reason"].str.len_chars() > 0).all(), f"{s.who}: empty reasons ({run.what})"
+
+
+def check_seed_deterministic(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
+    """The same seed gives identical frames."""
+    s = _setup(cls, params, n, seed)
+    a, b = s.select(12).frame, s.select(12).frame
+    assert a.equals(b), f"{s.who}: the same seed gave different results"
+
+
+def check_row_order_invariant(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
+    """Shuffling the pool rows (and reversing the targets) gives the frame in the input row order and
+    the same selection: equal uid, keep, rank, reason and scores (to 1e-9)."""
+    s = _setup(cls, params, n, seed)
+    a = s.select(12).frame
+    shuffled, res = s.select_shuffled(12)
+    c = res.frame
+    assert c["uid"].to_list() == shuffled["uid"].to_list(), f"{s.who}: frame not in the input row order"
     key = ["uid", "keep", "rank", "reason"]
-    assert a.sort("uid").select(key).equals(c.sort("uid").select(key)), f"{cls.__name__}: not row-order invariant"
+    assert a.sort("uid").select(key).equals(c.sort("uid").select(key)), f"{s.who}: not row-order invariant"
     sa, sc = a.sort("uid")["score"].to_numpy(), c.sort("uid")["score"].to_numpy()
-    assert np.allclose(sa, sc, rtol=1e-9, atol=1e-12, equal_nan=True), f"{cls.__name__}: scores depend on row order"
-    # ---- budget above the pool
+    assert np.allclose(sa, sc, rtol=1e-9, atol=1e-12, equal_nan=True), f"{s.who}: scores depend on row order"
+
+
+def check_budget_above_pool(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
+    """A budget above the pool warns ("exceeds the pool") and, when ``fills_budget()``, keeps every row."""
+    s = _setup(cls, params, n, seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = sel.select(table, feats, n + 5, seed=seed, targets=targets)
-    if sel.fills_budget():
-        assert res.n_kept == n, f"{cls.__name__}: budget above the pool kept {res.n_kept} of {n}"
-    assert any("exceeds the pool" in str(w.message) for w in caught), f"{cls.__name__}: no warning for budget > pool"
+        res = s.select(n + 5)
+    if s.sel.fills_budget():
+        assert res.n_kept == n, f"{s.who}: budget above the pool kept {res.n_kept} of {n}"
+    assert any("exceeds the pool" in str(w.message) for w in caught), f"{s.who}: no warning for budget > pool"
 
 
-def _check_frame(cls: type, frame: pl.DataFrame, table: pl.DataFrame, limit: int) -> None:
-    name = cls.__name__
-    for col, dtype in (("uid", pl.Utf8), ("score", pl.Float64), ("keep", pl.Boolean), ("rank", pl.Int64),
-                       ("reason", pl.Utf8)):
-        assert col in frame.columns, f"{name}: Selection.frame lacks '{col}'"
-        assert frame.schema[col] == dtype, f"{name}: '{col}' is {frame.schema[col]}, expected {dtype}"
-    assert frame.height == table.height, f"{name}: {frame.height} rows for a pool of {table.height}"
-    assert frame["uid"].n_unique() == table.height and set(frame["uid"]) == set(table["uid"]), (
-        f"{name}: not every candidate exactly once")
-    k = int(frame["keep"].sum())
-    assert k <= limit, f"{name}: kept {k} rows over a budget of {limit}"
-    ranks = sorted(frame.filter(pl.col("keep"))["rank"].to_list())
-    assert ranks == list(range(1, k + 1)), f"{name}: kept ranks are not 1..{k}"
-    assert frame.filter(~pl.col("keep"))["rank"].null_count() == table.height - k, f"{name}: dropped rows have a rank"
-    score = frame["score"].to_numpy()
-    assert not np.isnan(score).any(), f"{name}: NaN scores"
-    assert np.isfinite(frame.filter(pl.col("keep"))["score"].to_numpy()).all(), f"{name}: non-finite kept scores"
-    assert (frame["reason"].str.len_chars() > 0).all(), f"{name}: empty reasons"
+#: The contract, in the order :func:`check_selector` runs it.
+SELECTOR_CHECKS: tuple[Callable[..., None], ...] = (
+    check_parameter_validation,
+    check_missing_features,
+    check_missing_feature_uids,
+    check_frame_schema,
+    check_every_row_once,
+    check_budget_respected,
+    check_budget_filled,
+    check_ranks,
+    check_finite_scores,
+    check_reasons,
+    check_seed_deterministic,
+    check_row_order_invariant,
+    check_budget_above_pool,
+)
+
+
+def selector_checks(cls: type, params: dict[str, Any] | None = None, *, n: int = 60,
+                    seed: int = 0) -> Iterator[tuple[str, Callable[[], None]]]:
+    """``(check name, check)`` for every check of the contract, each bound to ``cls`` and ``params``.
+
+    For one test per property, e.g. ``@pytest.mark.parametrize`` over (selector, check name)::
+
+        params = resolve_contract_params(cls, tmp_path)
+        dict(selector_checks(cls, params))["check_row_order_invariant"]()
+    """
+    for check in SELECTOR_CHECKS:
+        yield check.__name__, functools.partial(check, cls, params, n=n, seed=seed)
+
+
+def check_selector(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
+    """Run every check of the selector contract (docs/architecture.md "Contracts") on ``cls``; see
+    :data:`SELECTOR_CHECKS`.
+
+    Checks: every parameter is validated with the one error template (a nonsense value, plus the
+    class's ``invalid_examples``); missing features raise :class:`MissingFeatureError`; one row per
+    candidate, each once; the budget (n, fraction, tokens) is respected; rank is 1..k on kept rows;
+    finite scores on kept rows and no NaN anywhere; non-empty reasons; same seed gives identical
+    frames; shuffling the rows gives the same selection; a budget above the pool warns and keeps
+    every row. Raises AssertionError prefixed with the name of the first failing check.
+
+    ``params`` are the constructor arguments to use, as given; when None, the class's
+    ``contract_params`` supply them (see :func:`resolve_contract_params`).
+    """
+    if params is None:
+        params = resolve_contract_params(cls, n=n, seed=seed)
+    for name, check in selector_checks(cls, params, n=n, seed=seed):
+        try:
+            check()
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- planted problems
 def bids_blocks(sizes: tuple[int, ...], targets_per_task: int, scales: tuple[float, ...],
                 offsets: tuple[float, ...], noise: float = 0.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Block influence matrix (specs/less-bids.md B.10): row i of task t has 1 on task t's columns,
+    """Block influence matrix (docs/methods/less-bids.md B.10): row i of task t has 1 on task t's columns,
     0 elsewhere, then column block t is mapped to scale_t·A + offset_t, plus Gaussian noise.
 
     Returns (A (N, M), row task (N,), column task (M,)).
@@ -209,7 +399,7 @@ def bids_blocks(sizes: tuple[int, ...], targets_per_task: int, scales: tuple[flo
 
 
 def tarot_modes(seed: int = 0, d: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Planted 3-mode problem (specs/tarot.md §10 test 2).
+    """Planted 3-mode problem (docs/methods/tarot.md §10 test 2).
 
     Returns (pool (5400, d), pool labels in {0, 1, 2, 3 = distractor}, targets (100, d)).
     """

@@ -1,6 +1,6 @@
 """Warm-up checkpoints on disk: their layout, finding them, loading them, and weighting them.
 
-Xia et al., "LESS", ICML 2024, arXiv 2402.04333, §4.1 and specs/gradient-features.md §7. The
+Xia et al., "LESS", ICML 2024, arXiv 2402.04333, §4.1 and docs/methods/gradient-features.md §7. The
 warm-up (:mod:`curate.features.warmup`) writes this layout; gradient features
 (:mod:`curate.features.gradients`) and whitening (:mod:`curate.features.whiten`) read it. Keeping
 it in one module lets each of them depend on the layout instead of on one another.
@@ -147,7 +147,7 @@ def checkpoint_id(folder: str | os.PathLike[str]) -> str:
 
 # --------------------------------------------------------------------------------- weighting
 def lr_weights(mean_lrs: Sequence[float]) -> np.ndarray:
-    """w_c = η̄_c / Σ η̄ (spec §7)."""
+    """w_c = η̄_c / Σ η̄ (docs/methods/gradient-features.md §7)."""
     w = np.asarray(mean_lrs, dtype=np.float64)
     if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or np.any(w <= 0):
         raise param_error("lr_weights", "mean_lrs", "a non-empty list of finite numbers > 0", list(mean_lrs))
@@ -155,7 +155,8 @@ def lr_weights(mean_lrs: Sequence[float]) -> np.ndarray:
 
 
 def stack_checkpoints(features: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Φ̃ = [√w₁Φ₁ | … | √w_CΦ_C] (N × C·d), so Φ̃Ψ̃ᵀ = Σ_c w_c Φ_cΨ_cᵀ (spec §7)."""
+    """Φ̃ = [√w₁Φ₁ | … | √w_CΦ_C] (N × C·d), so Φ̃Ψ̃ᵀ = Σ_c w_c Φ_cΨ_cᵀ
+    (docs/methods/gradient-features.md §7)."""
     w = lr_weights(weights)
     if len(features) != len(w):
         raise SchemaError("one weight per checkpoint is needed.", field="weights",

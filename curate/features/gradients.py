@@ -1,4 +1,4 @@
-"""Per-example gradient features of a causal LM (specs/gradient-features.md §2-§8).
+"""Per-example gradient features of a causal LM (docs/methods/gradient-features.md §2-§8).
 
 The LESS recipe (Xia et al., "LESS: Selecting Influential Data for Targeted Instruction Tuning",
 ICML 2024, arXiv 2402.04333; code ``princeton-nlp/LESS``): the gradient of each example's
@@ -39,6 +39,7 @@ from curate.features.lm import Encoded
 from curate.features.lm_batches import LORA_TARGETS, block_index, collate, row_losses
 from curate.features.projection import Projector
 from curate.pipeline.registry import register_step
+from curate.validation import check_int
 
 METHODS = ("auto", "func", "hooks", "loop")
 REDUCTIONS = ("mean", "sum")
@@ -91,7 +92,7 @@ def _config_hash(model: Any) -> str:
 
 
 def select_parameters(model: Any, params: str | Sequence[str] = "lora") -> Layout:
-    """The tracked parameter layout for a preset or a list of globs (spec §3).
+    """The tracked parameter layout for a preset or a list of globs (docs/methods/gradient-features.md §3).
 
     Presets: ``lora`` (peft ``lora_A``/``lora_B``), ``mlp`` (MLP projection weights),
     ``last_blocks:k``, ``mlp_last_blocks:k``. A list (or comma-separated string) of ``fnmatch``
@@ -132,7 +133,8 @@ def select_parameters(model: Any, params: str | Sequence[str] = "lora") -> Layou
 
 
 def check_compatible(*metas: Mapping[str, Any]) -> None:
-    """Raise if feature metas differ in layout hash or projector id (spec §3, the Quad defect)."""
+    """Raise if feature metas differ in layout hash or projector id (the Quad defect,
+    docs/methods/gradient-features.md §3)."""
     for key in ("layout_hash", "projector_id"):
         seen = {m.get(key) for m in metas if m.get(key) is not None}
         if len(seen) > 1:
@@ -331,7 +333,7 @@ def per_example_grads(
 # ======================================================================== Adam preconditioning
 def adam_precondition(g: Any, m: Any, v: Any, *, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                       form: str = "less_code") -> Any:
-    """LESS's Adam-preconditioned gradient Γ (spec §6), element-wise, torch or numpy.
+    """LESS's Adam-preconditioned gradient Γ (docs/methods/gradient-features.md §6), element-wise, torch or numpy.
 
     ``less_code`` (default, the reference code): m' = β₁m + (1−β₁)g, v' = β₂v + (1−β₂)g², Γ = m'/√(v'+ε)
     (one virtual Adam step, ε inside the root, no bias correction). ``paper``: Γ = m'/(√v' + ε).
@@ -346,7 +348,8 @@ def adam_precondition(g: Any, m: Any, v: Any, *, beta1: float = 0.9, beta2: floa
 
 
 def load_adam_state(state: Any, layout: Layout, *, trainable_names: Sequence[str] | None = None) -> tuple[Any, Any]:
-    """Flattened Adam moments (m, v) for ``layout`` (spec §6 "Where m and v come from").
+    """Flattened Adam moments (m, v) for ``layout`` (where m and v come from:
+    docs/methods/gradient-features.md §6).
 
     ``state`` is a path (``torch.load``-able) or a dict in one of two shapes:
     - name-keyed: ``{"exp_avg": {name: tensor}, "exp_avg_sq": {name: tensor}}`` (curate warm-up);
@@ -396,7 +399,8 @@ def load_adam_state(state: Any, layout: Layout, *, trainable_names: Sequence[str
 
 # ================================================================================== norms
 def normalise_rows(phi: np.ndarray, tol: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
-    """(φ/‖φ‖ per row, mask of rows with ‖φ‖ < tol, which are left as zeros) (spec §8)."""
+    """(φ/‖φ‖ per row, mask of rows with ‖φ‖ < tol, which are left as zeros)
+    (docs/methods/gradient-features.md §8)."""
     phi = np.asarray(phi)
     norms = np.linalg.norm(phi.astype(np.float64), axis=1)
     zero = norms < tol
@@ -492,7 +496,8 @@ def compute_grad_features(
 
 # ===================================================================================== LoRA
 def add_lora(model: Any, *, r: int = 8, alpha: int = 32, targets: Sequence[str] = LORA_TARGETS, seed: int = 0) -> Any:
-    """Wrap ``model`` with fresh seeded LoRA adapters (peft), dropout 0 (spec §3 CPU preset)."""
+    """Wrap ``model`` with fresh seeded LoRA adapters (peft), dropout 0 (the CPU preset of
+    docs/methods/gradient-features.md §3)."""
     torch = require("torch", "LoRA gradient features")
     peft = require("peft", "LoRA gradient features")
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
@@ -505,13 +510,6 @@ def add_lora(model: Any, *, r: int = 8, alpha: int = 32, targets: Sequence[str] 
 
 
 # ================================================================================ the step
-def _check_int(owner: str, name: str, value: Any, lo: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise param_error(owner, name, f"{'None or ' if allow_none else ''}an integer >= {lo}", value)
-
-
 @register_step("grad_features")
 @dataclass(frozen=True, kw_only=True)
 class GradFeaturesStep:
@@ -562,12 +560,12 @@ class GradFeaturesStep:
             if len(lrs) < 1 or not all(isinstance(x, (int, float)) and x > 0 for x in lrs):
                 raise param_error(o, "checkpoint_lrs", "None or one positive number per checkpoint", self.checkpoint_lrs)
             object.__setattr__(self, "checkpoint_lrs", lrs)
-        _check_int(o, "proj_dim", self.proj_dim, 1, allow_none=True)
-        _check_int(o, "max_length", self.max_length, 2)
-        _check_int(o, "batch_size", self.batch_size, 1)
-        _check_int(o, "lora_r", self.lora_r, 1)
-        _check_int(o, "lora_alpha", self.lora_alpha, 1)
-        _check_int(o, "seed", self.seed, 0, allow_none=True)
+        check_int(o, "proj_dim", self.proj_dim, 1, allow_none=True)
+        check_int(o, "max_length", self.max_length, 2)
+        check_int(o, "batch_size", self.batch_size, 1)
+        check_int(o, "lora_r", self.lora_r, 1)
+        check_int(o, "lora_alpha", self.lora_alpha, 1)
+        check_int(o, "seed", self.seed, 0, allow_none=True)
         for pname, value, choices in (
             ("variant", self.variant, VARIANTS), ("adam_form", self.adam_form, ADAM_FORMS),
             ("proj_kind", self.proj_kind, ("rademacher", "gaussian")), ("loss_reduction", self.loss_reduction, REDUCTIONS),

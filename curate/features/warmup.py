@@ -1,7 +1,7 @@
 """LESS warm-up training: a short seeded LoRA fine-tune whose checkpoints feed gradient features.
 
 Xia et al., "LESS: Selecting Influential Data for Targeted Instruction Tuning", ICML 2024, arXiv
-2402.04333 (code ``princeton-nlp/LESS``), §4.1 and specs/gradient-features.md §7: LoRA-train the base
+2402.04333 (code ``princeton-nlp/LESS``), §4.1 and docs/methods/gradient-features.md §7: LoRA-train the base
 model on a seeded random 5% of the pool (at least 200 rows) for 4 epochs, peak lr 2e-5, warm-up ratio
 0.03 then linear decay, AdamW, saving adapters and Adam moments after every epoch. The mean learning
 rate of each epoch is recorded so :mod:`curate.features.gradients` can weight the checkpoints
@@ -44,13 +44,14 @@ from curate.features.checkpoints import CKPT_PREFIX, WARMUP_FILE, read_warmup, s
 from curate.features.lm_batches import LORA_TARGETS, block_index, collate, row_losses
 from curate.io.writers import atomic_dir
 from curate.pipeline.registry import register_step
+from curate.validation import check_float, check_int
 
 SCHEDULES = ("linear", "cosine", "constant")
 STREAM_SAMPLE = 0x57A2  # SeedSequence streams: which rows, and each epoch's order
 STREAM_SHUFFLE = 0x57A3
 @dataclass(frozen=True, kw_only=True)
 class WarmupConfig:
-    """Hyperparameters of a warm-up run (spec §7; defaults are the CPU preset).
+    """Hyperparameters of a warm-up run (docs/methods/gradient-features.md §7; defaults are the CPU preset).
 
     Attributes:
         fraction: share of the pool to train on (LESS: 0.05).
@@ -61,7 +62,7 @@ class WarmupConfig:
         schedule: ``linear`` decay to 0 (LESS scripts), ``cosine`` (LESS paper) or ``constant``.
         batch_size: rows per optimizer step (paper 128; CPU preset 16).
         micro_batch_size: rows per forward/backward pass (gradient accumulation within a step).
-        max_length: tokens per row (truncation of specs/gradient-features.md §2).
+        max_length: tokens per row (truncation of docs/methods/gradient-features.md §2).
         lora_r, lora_alpha, lora_dropout: LoRA hyperparameters (dropout only during training).
         lora_targets: module names that get adapters.
         lora_layers: adapt only the top k transformer blocks (None: all blocks).
@@ -89,15 +90,15 @@ class WarmupConfig:
     def __post_init__(self) -> None:
         o = "warmup"
         object.__setattr__(self, "lora_targets", _as_tuple(self.lora_targets))
-        _check_num(o, "fraction", self.fraction, 0.0, 1.0, lo_open=True)
-        _check_num(o, "lr", self.lr, 0.0, math.inf, lo_open=True)
-        _check_num(o, "warmup_ratio", self.warmup_ratio, 0.0, 1.0, hi_open=True)
-        _check_num(o, "lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
-        _check_num(o, "weight_decay", self.weight_decay, 0.0, math.inf)
+        check_float(o, "fraction", self.fraction, 0.0, 1.0, lo_open=True)
+        check_float(o, "lr", self.lr, 0.0, math.inf, lo_open=True)
+        check_float(o, "warmup_ratio", self.warmup_ratio, 0.0, 1.0, hi_open=True)
+        check_float(o, "lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
+        check_float(o, "weight_decay", self.weight_decay, 0.0, math.inf)
         for name, lo in (("min_rows", 0), ("epochs", 1), ("batch_size", 1), ("micro_batch_size", 1),
                          ("max_length", 2), ("lora_r", 1), ("lora_alpha", 1), ("seed", 0)):
-            _check_int(o, name, getattr(self, name), lo)
-        _check_int(o, "lora_layers", self.lora_layers, 1, allow_none=True)
+            check_int(o, name, getattr(self, name), lo)
+        check_int(o, "lora_layers", self.lora_layers, 1, allow_none=True)
         if self.schedule not in SCHEDULES:
             raise param_error(o, "schedule", f"one of {SCHEDULES}", self.schedule)
         if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
@@ -108,23 +109,6 @@ def _as_tuple(value: Any) -> tuple[Any, ...]:
     if isinstance(value, str):
         return tuple(v.strip() for v in value.split(",") if v.strip())
     return tuple(value)
-
-
-def _check_int(owner: str, name: str, value: Any, lo: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise param_error(owner, name, f"{'None or ' if allow_none else ''}an integer >= {lo}", value)
-
-
-def _check_num(owner: str, name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False,
-               hi_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        rule = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise param_error(owner, name, rule, value)
 
 
 # ------------------------------------------------------------------------------------- pieces
@@ -423,7 +407,7 @@ class WarmupStep:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", _as_tuple(self.lora_targets))
-        _check_int("warmup", "seed", self.seed, 0, allow_none=True)
+        check_int("warmup", "seed", self.seed, 0, allow_none=True)
         self.config(0)  # validates the shared fields
         if self.dtype not in ("float32", "float64"):
             raise param_error("warmup", "dtype", "one of ('float32', 'float64')", self.dtype)

@@ -1,4 +1,4 @@
-"""TAROT whitened features (specs/gradient-features.md §9).
+"""TAROT whitened features (docs/methods/gradient-features.md §9).
 
 Feng et al., "TAROT: Targeted Data Selection via Optimal Transport", ICML 2025, arXiv 2412.00420
 (code ``vita-epfl/TAROT``). Candidates Φ (N×d) and targets Ψ (M×d) are centred *jointly*, the
@@ -207,7 +207,8 @@ def whiten_feature_sets(pool: Any, targets: Any, *, ridge: float = 1e-3, ridge_m
 # ------------------------------------------------------------------------------------ the step
 def _matrix(fs: Any) -> np.ndarray:
     """(n, d) values of a feature set; (n, C, d) checkpoint stacks become Φ̃ = [√w₁Φ₁ | … | √w_CΦ_C]
-    with the set's ``lr_weights`` (spec §7), so whitening sees the weighted combination."""
+    with the set's ``lr_weights`` (docs/methods/gradient-features.md §7), so whitening sees the
+    weighted combination."""
     values = np.asarray(fs.values)
     if values.ndim == 3:
         from curate.features.checkpoints import stack_checkpoints
@@ -219,7 +220,8 @@ def _matrix(fs: Any) -> np.ndarray:
 
 def whiten_sets(pool: Any, targets: Any, *, ridge: float = 1e-3, ridge_mode: str = "relative",
                 name: str = "grad/whitened", target_name: str | None = None) -> tuple[Any, Any, np.ndarray]:
-    """Whiten a pool and a target :class:`~curate.io.store.FeatureSet` together (TAROT, spec §9).
+    """Whiten a pool and a target :class:`~curate.io.store.FeatureSet` together (TAROT,
+    docs/methods/gradient-features.md §9).
 
     Unlike :func:`whiten_feature_sets`, all-zero pool or target rows (``no_response_tokens`` /
     ``zero_gradient`` rows of gradient features) are left out of the mean and covariance and stay
@@ -261,7 +263,7 @@ def whiten_sets(pool: Any, targets: Any, *, ridge: float = 1e-3, ridge_mode: str
 class WhitenStep:
     """TAROT whitening of a pool and a target feature set into ``output`` and ``output/targets``.
 
-    Feng et al., TAROT (ICML 2025, arXiv 2412.00420), specs/gradient-features.md §9. Reads
+    Feng et al., TAROT (ICML 2025, arXiv 2412.00420), docs/methods/gradient-features.md §9. Reads
     ``pool`` (aligned to this step's rows) and ``target`` from the run's feature store, whitens them
     jointly (relative ridge; all-zero rows left out, see :func:`whiten_sets`) and stores the
     whitened, row-normalised sets. Keeps every row; rows whose pool feature is zero get the

@@ -1,5 +1,5 @@
 """Influence functions: curvature (identity, diagonal, K-FAC, EK-FAC), pairwise scores, low-rank
-queries and a TF-IDF prefilter (specs/ekfac.md).
+queries and a TF-IDF prefilter (docs/methods/ekfac.md).
 
 Importing this package is light; torch is imported when one of the names below is first used.
 """

@@ -1,4 +1,4 @@
-"""Module selection and activation/output-gradient capture for tracked layers (specs/ekfac.md §2-§3).
+"""Module selection and activation/output-gradient capture for tracked layers (docs/methods/ekfac.md §2-§3).
 
 A forward hook stores each tracked module's input a (bias folded: a constant 1 appended) and its
 output; after the loss, ``torch.autograd.grad`` gives g = ∂L/∂y for every call at once, so no

@@ -1,7 +1,7 @@
 """Table-level influence: fit factors on a canonical table, score candidates against targets.
 
 This is what ``curate influence fit`` / ``score`` and the ``influence_scores`` recipe step call
-(specs/ekfac.md; issue 5). Rows are encoded with ``curate.features.lm.encode_examples`` (chat
+(docs/methods/ekfac.md). Rows are encoded with ``curate.features.lm.encode_examples`` (chat
 template, prompt tokens -100).
 
 The factors folder records the model (path or ``"default"``), the optional checkpoint and a
@@ -118,7 +118,7 @@ def fit_table(
 ) -> Path:
     """Fit curvature factors of ``model`` on a seeded sample of ``table`` and save them to ``out_dir``.
 
-    The fit set is the candidate pool (the training distribution, specs/ekfac.md §4), never the
+    The fit set is the candidate pool (the training distribution, docs/methods/ekfac.md §4), never the
     targets. The folder records the model, checkpoint and a weight fingerprint.
     """
     from curate.influence.curvature import Curvature

@@ -1,4 +1,4 @@
-"""CLI verbs of influence functions: ``curate influence fit | score`` (specs/ekfac.md; issue 5).
+"""CLI verbs of influence functions: ``curate influence fit | score`` (docs/methods/ekfac.md).
 
 ``fit`` writes a factors folder (``factors.pt``, ``arguments.json`` with the fit arguments, the
 model, checkpoint and a weight fingerprint). ``score`` writes a score folder: the

@@ -1,10 +1,10 @@
-"""Curvature of tracked ``nn.Linear`` layers: identity, diagonal, K-FAC and EK-FAC (specs/ekfac.md).
+"""Curvature of tracked ``nn.Linear`` layers: identity, diagonal, K-FAC and EK-FAC (docs/methods/ekfac.md).
 
 Sources: Martens & Grosse, K-FAC (arXiv 1503.05671); George et al., EK-FAC (arXiv 1806.03884);
 Grosse et al., "Studying Large Language Model Generalization with Influence Functions" (arXiv
 2308.03296). The stages follow the reference library kronfluence (covariances → float64
-eigendecomposition → eigenvalue correction) but are written here from the spec so they share our
-tasks, masks and gradient streams.
+eigendecomposition → eigenvalue correction) but are implemented here (docs/methods/ekfac.md) so they
+share our tasks, masks and gradient streams.
 
 Deviations, all deliberate:
 
@@ -139,7 +139,7 @@ class Curvature:
 
     # ------------------------------------------------------------------ fitting
     def fit(self, model: Any, task: Task, examples: Sequence[Any]) -> Curvature:
-        """Stages 1-3 of specs/ekfac.md §4-§6 over ``examples`` (the training distribution).
+        """Stages 1-3 of docs/methods/ekfac.md §4-§6 over ``examples`` (the training distribution).
 
         Args:
             model: any ``nn.Module``; it is put in eval mode and not modified.

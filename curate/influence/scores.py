@@ -1,4 +1,4 @@
-"""Influence scores: preconditioned query gradients, pairwise scores, self-influence (specs/ekfac.md §8-§10).
+"""Influence scores: preconditioned query gradients, pairwise scores, self-influence (docs/methods/ekfac.md §8-§10).
 
 Source: Grosse et al., "Studying Large Language Model Generalization with Influence Functions"
 (arXiv 2308.03296), with kronfluence's sign convention.
@@ -9,8 +9,8 @@ loss** (helpful). Removing row n from a mean objective raises f(q) by ≈ s(q, n
 
 Scores are computed from cached activations a and output gradients g of each training batch,
 without materialising per-example gradients when per-token scores or low-rank queries are asked
-for; otherwise G_n is formed per micro-batch (cheaper when T is large). Deviation from the spec:
-the low-rank path defaults to the exact SVD; ``svd="randomized"`` uses ``torch.svd_lowrank``.
+for; otherwise G_n is formed per micro-batch (cheaper when T is large). The low-rank path uses
+the exact SVD by default; ``svd="randomized"`` uses ``torch.svd_lowrank``.
 Training-row activations and gradients are processed in float32 for float32 models (float64 for
 float64 models), as kronfluence does by default; preconditioning and the accumulated per-pair
 scores are float64. Queries can be preconditioned in chunks (``query_batch_size``) and, with a
@@ -58,7 +58,7 @@ class ScoreMatrix:
     reasons: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def to_A(self) -> np.ndarray:  # noqa: N802 - the spec's name for the N×M matrix
+    def to_A(self) -> np.ndarray:  # noqa: N802 - the N×M matrix is A in docs/methods/ekfac.md
         """The (N, M) orientation selectors use (candidates × targets)."""
         return self.values.T
 

@@ -1,13 +1,13 @@
 """Recipe step ``influence_scores``: EK-FAC influence of every candidate on the recipe's targets.
 
 Grosse et al., "Studying Large Language Model Generalization with Influence Functions" (arXiv
-2308.03296); specs/ekfac.md. The step fits factors on the candidate rows (or loads a folder from
+2308.03296); docs/methods/ekfac.md. The step fits factors on the candidate rows (or loads a folder from
 ``curate influence fit``), scores them against ``ctx.targets`` and writes the (candidates × targets)
 feature set ``scores`` (meta ``target_uids``) to ``ctx.features``, where LESS / BIDS read it with
 ``source: scores``. It keeps every row; ``score`` is the mean influence over the targets.
 torch is imported inside :meth:`InfluenceScoresStep.apply` only.
 
-Deviation: TF-IDF-filtered pairs stay NaN in the feature set (spec §11); selectors that require
+Deviation: TF-IDF-filtered pairs stay NaN in the feature set (docs/methods/ekfac.md §11); selectors that require
 finite scores then refuse them, so use ``tfidf_top`` only with consumers that handle NaN.
 """
 
@@ -42,7 +42,7 @@ class InfluenceScoresStep:
         checkpoint: optional peft adapter / model folder applied to ``model``.
         factors: a folder from ``curate influence fit`` to reuse; None fits on this step's rows
             (saved under the step folder as ``factors``).
-        strategy, modules, fisher, max_examples, seed: fit arguments (specs/ekfac.md §1).
+        strategy, modules, fisher, max_examples, seed: fit arguments (docs/methods/ekfac.md §1).
         damping: None (heuristic, 0.1 × mean eigenvalue) or an absolute float >= 0.
         query_rank: rank of the preconditioned target gradients (None = full rank).
         tfidf_top: score only each target's top-k candidates by TF-IDF (others NaN).

@@ -2,8 +2,8 @@
 
 A task keeps the influence code independent of the model family. It turns a list of examples into
 a batch (:meth:`collate`), gives the summed loss with the data labels (:meth:`loss`, the ℓ_sum of
-specs/gradient-features.md §2), a loss whose gradient is one sample of the true Fisher
-(:meth:`sampled_loss`), and the token mask m_t of specs/ekfac.md §3 (:meth:`token_mask`).
+docs/methods/gradient-features.md §2), a loss whose gradient is one sample of the true Fisher
+(:meth:`sampled_loss`), and the token mask m_t of docs/methods/ekfac.md §3 (:meth:`token_mask`).
 
 The same protocol serves causal LMs (:class:`CausalLMTask`, labels -100 on prompt and padding
 tokens) and the tiny models the tests build in code.

@@ -1,4 +1,4 @@
-"""TF-IDF prefilter: keep the top-k training rows per query before any gradient work (specs/ekfac.md §11).
+"""TF-IDF prefilter: keep the top-k training rows per query before any gradient work (docs/methods/ekfac.md §11).
 
 Grosse et al. (arXiv 2308.03296) filter candidates lexically before computing influence; the
 paper kept about 10,000 per query (unverified). The filter biases results toward lexical overlap.

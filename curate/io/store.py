@@ -1,4 +1,4 @@
-"""Feature sets: side-car arrays keyed by uid (DESIGN.md "Features").
+"""Feature sets: side-car arrays keyed by uid (docs/architecture.md "Contracts").
 
 A :class:`FeatureSet` is stored in a folder as ``values.npy`` (memory-mappable), ``uids.parquet``
 and ``meta.json``. It is always used aligned to a table's uids (:meth:`FeatureSet.align`); a

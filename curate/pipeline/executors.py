@@ -9,7 +9,7 @@ selection solvers) never goes through an executor: it runs once on the driver.
 ``<cache_dir>/<shard key>.pkl`` (temp name, then rename) where the key is a hash of the shard's
 uids and the work's parameters, so a rerun after a crash recomputes only unfinished shards, and
 a changed input or parameter never reuses a stale shard. We use Ray rather than a home-made
-scheduler (DESIGN.md): this module only splits, caches and orders.
+scheduler (docs/architecture.md): this module only splits, caches and orders.
 """
 
 from __future__ import annotations

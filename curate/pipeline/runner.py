@@ -1,6 +1,6 @@
 """The local runner: ingest, run steps with per-step folders and DONE markers, write the outputs.
 
-Run folder (DESIGN.md "Pipelines")::
+Run folder (docs/architecture.md)::
 
     <run_dir>/recipe.resolved.yaml
     <run_dir>/steps/00-ingest/{table.parquet, rejects.parquet, targets.parquet, stats.json, DONE}

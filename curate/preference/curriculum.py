@@ -1,7 +1,7 @@
 """Curry-DPO curricula: pairs from several rated responses per prompt, ordered easy to hard.
 
 Pattnaik et al., "Curry-DPO: Enhancing Alignment using Curriculum Learning & Ranked Preferences"
-(arXiv 2403.07230); spec preference-diagnostics.md §3.
+(arXiv 2403.07230); docs/methods/preference-diagnostics.md §3.
 
 - Pairing ``best_vs_rest`` (default): chosen = the top-rated response, rejected = each lower-rated one;
   ``all``: every ordered pair whose ratings differ (tied ratings are skipped).

@@ -1,4 +1,4 @@
-"""Preference-pair diagnostics (specs/preference-diagnostics.md §1, §2, §4, §6) and their pipeline steps.
+"""Preference-pair diagnostics (docs/methods/preference-diagnostics.md §1, §2, §4, §6) and their pipeline steps.
 
 Formulas (ℓ_π(y|x) = Σ_t log π(y_t | x, y<t) over response tokens with the positions of
 :mod:`curate.selectors.ches`, so CHES and the margin come from one forward pass; ℓ̄ = ℓ/|y|):
@@ -49,6 +49,7 @@ from curate.selectors.ches import (
     response_ids,
     response_stats,
 )
+from curate.validation import check_int
 
 AGREEMENT = ("unanimous", "majority", "split")
 RM_FLAGS = ("incorrect", "ambiguous", "clear")
@@ -322,13 +323,6 @@ def diagnose_pairs(table: pl.DataFrame, states: Any | None = None, *, rm_margins
 
 
 # ------------------------------------------------------------------------------ steps
-def _check_int(owner: str, name: str, value: Any, lo: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise param_error(owner, name, f"an integer >= {lo}" + (" or null" if allow_none else ""), value)
-
-
 @register_step("diagnose")
 @dataclass(frozen=True, kw_only=True)
 class Diagnose:
@@ -338,7 +332,7 @@ class Diagnose:
     (one forward pass serves CHES and the margin). Non-pairs and pairs with an empty response are routed
     to rejected (``not_a_pair``, ``no_response_tokens``). With ``action: drop`` pairs flagged
     ``incorrect``/``ambiguous`` by the RMs, or ``split`` by annotators, are dropped; the default only
-    annotates. Specs: preference-diagnostics.md §1, §2, §4.
+    annotates. See docs/methods/preference-diagnostics.md §1, §2, §4.
 
     Args:
         model: reference model, ``default`` or a local folder.
@@ -372,8 +366,8 @@ class Diagnose:
             raise param_error(owner, "hard_quantile", "a number in [0, 1)", hq)
         if not isinstance(self.append_eos, bool):
             raise param_error(owner, "append_eos", "True or False", self.append_eos)
-        _check_int(owner, "max_length", self.max_length, 8, allow_none=True)
-        _check_int(owner, "batch_size", self.batch_size, 1)
+        check_int(owner, "max_length", self.max_length, 8, allow_none=True)
+        check_int(owner, "batch_size", self.batch_size, 1)
         if self.device not in ("auto", "cpu", "cuda"):
             raise param_error(owner, "device", "one of ['auto', 'cpu', 'cuda']", self.device)
         if self.dtype not in ("float32", "bfloat16", "float64"):
@@ -427,7 +421,8 @@ class Diagnose:
 @register_step("ifd")
 @dataclass(frozen=True, kw_only=True)
 class IFD:
-    """Instruction-following difficulty IFD = loss(A|Q) / loss(A) (Li et al., NAACL 2024; spec §6).
+    """Instruction-following difficulty IFD = loss(A|Q) / loss(A) (Li et al., NAACL 2024;
+    docs/methods/preference-diagnostics.md §6).
 
     ``score`` = IFD. With ``drop_ge_1`` rows with IFD >= 1 are dropped (``ifd_ge_1``); then, with
     ``keep_top_fraction``, only the ceil(f·N) highest-IFD remaining rows are kept (ties by uid).
@@ -459,8 +454,8 @@ class IFD:
             raise param_error(owner, "keep_top_fraction", "a number in (0, 1] or null", f)
         if not isinstance(self.append_eos, bool):
             raise param_error(owner, "append_eos", "True or False", self.append_eos)
-        _check_int(owner, "max_length", self.max_length, 8)
-        _check_int(owner, "batch_size", self.batch_size, 1)
+        check_int(owner, "max_length", self.max_length, 8)
+        check_int(owner, "batch_size", self.batch_size, 1)
         if self.device not in ("auto", "cpu", "cuda"):
             raise param_error(owner, "device", "one of ['auto', 'cpu', 'cuda']", self.device)
         if self.dtype not in ("float32", "bfloat16", "float64"):

@@ -1,4 +1,4 @@
-"""Selectors (DESIGN.md "Selectors"): the contract, baselines, LESS, BIDS, TAROT, Quad, CHES,
+"""Selectors (docs/architecture.md "Contracts"): the contract, baselines, LESS, BIDS, TAROT, Quad, CHES,
 CritiQ and RDS+.
 
 :data:`SELECTORS` is the one registry (name -> selector class); ``curate list`` prints it and every

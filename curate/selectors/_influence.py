@@ -1,4 +1,4 @@
-"""The LESS influence matrix A = Σ_c w_c Φ_c Ψ_cᵀ (specs/less-bids.md A.1), shared by LESS and BIDS.
+"""The LESS influence matrix A = Σ_c w_c Φ_c Ψ_cᵀ (docs/methods/less-bids.md A.1), shared by LESS and BIDS.
 
 Gradient features come as one pool role (``grads``: (N, d) or (N, C, d) for C checkpoints) and
 one target role (``target_grads``: (M, d) or (M, C, d)); rows are expected L2-normalised per

@@ -1,6 +1,6 @@
 """The selector contract: :class:`Selector`, :class:`Budget`, :class:`Selection`, :class:`BaseSelector`.
 
-DESIGN.md "Selectors". A selector is a frozen keyword-only dataclass whose fields are its
+docs/architecture.md "Contracts". A selector is a frozen keyword-only dataclass whose fields are its
 hyperparameters (validated in ``__post_init__`` with :func:`curate.errors.param_error`). It reads
 feature sets by *role* (``"grads"``, ``"target_grads"``, ``"embed"``, ...) from a mapping
 ``role -> FeatureSet``; roles whose name starts with ``target_`` hold target rows, every other
@@ -34,6 +34,7 @@ import polars as pl
 
 from curate.errors import MissingFeatureError, SchemaError, param_error
 from curate.io.store import FeatureSet
+from curate.validation import check_bool, check_choice, check_float, check_int, check_str  # noqa: F401  (re-exported)
 
 KEPT = "kept"
 BELOW_CUTOFF = "below_budget_cutoff"
@@ -182,7 +183,7 @@ class Selection:
 
 @runtime_checkable
 class Selector(Protocol):
-    """What every selector is (DESIGN.md "Selectors")."""
+    """What every selector is (docs/architecture.md "Contracts")."""
 
     name: ClassVar[str]
     requires: ClassVar[tuple[str, ...]]
@@ -257,54 +258,6 @@ def stable_topk(score: np.ndarray, k: int) -> np.ndarray:
     return order[:k]
 
 
-# --------------------------------------------------------------------------- validators
-def check_int(owner: str, name: str, value: Any, lo: int | None = None, hi: int | None = None,
-              allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
-    if not ok:
-        rule = "an integer" + (f" >= {lo}" if lo is not None else "") + (f" and <= {hi}" if hi is not None else "")
-        raise param_error(owner, name, rule + (" or None" if allow_none else ""), value)
-
-
-def check_float(owner: str, name: str, value: Any, lo: float | None = None, hi: float | None = None,
-                lo_open: bool = False, hi_open: bool = False, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
-    if ok and lo is not None:
-        ok = value > lo if lo_open else value >= lo
-    if ok and hi is not None:
-        ok = value < hi if hi_open else value <= hi
-    if not ok:
-        parts = []
-        if lo is not None:
-            parts.append(f"{'>' if lo_open else '>='} {lo}")
-        if hi is not None:
-            parts.append(f"{'<' if hi_open else '<='} {hi}")
-        rule = "a finite number" + (" " + " and ".join(parts) if parts else "")
-        raise param_error(owner, name, rule + (" or None" if allow_none else ""), value)
-
-
-def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> None:
-    if not isinstance(value, (str, bool)) or value not in choices:
-        raise param_error(owner, name, f"one of {list(choices)}", value)
-
-
-def check_bool(owner: str, name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise param_error(owner, name, "True or False", value)
-
-
-def check_str(owner: str, name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, str) or not value:
-        raise param_error(owner, name, "a non-empty string" + (" or None" if allow_none else ""), value)
-
-
 # --------------------------------------------------------------------------- base class
 class BaseSelector:
     """Shared machinery; subclasses are frozen keyword-only dataclasses.
@@ -321,6 +274,9 @@ class BaseSelector:
     default_budget: ClassVar[Any] = 0.1
     #: (parameter, bad value) pairs that check_selector verifies are rejected (besides type errors).
     invalid_examples: ClassVar[tuple[tuple[str, Any], ...]] = ()
+    #: constructor arguments the contract checks (curate.testing) use; a classmethod
+    #: ``contract_params(folder, table) -> dict`` instead when they need files.
+    contract_params: ClassVar[dict[str, Any]] = {}
 
     # ---- overridable -----------------------------------------------------------------
     def fills_budget(self) -> bool:

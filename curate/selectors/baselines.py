@@ -61,6 +61,7 @@ class TopKSelector(BaseSelector):
     column: str = "score"
     descending: bool = True
     invalid_examples: ClassVar[tuple[tuple[str, Any], ...]] = (("column", ""),)
+    contract_params: ClassVar[dict[str, Any]] = {"column": "score"}
 
     def __post_init__(self) -> None:
         check_str("TopK", "column", self.column)
@@ -144,7 +145,7 @@ class DeitaSelector(BaseSelector):
     """DEITA score-first, diversity-aware selection.
 
     Liu et al., "What Makes Good Data for Alignment?", ICLR 2024, arXiv 2312.15685 (code
-    ``hkust-nlp/deita``); specs/preference-diagnostics.md §7. The score is the product of
+    ``hkust-nlp/deita``); docs/methods/preference-diagnostics.md §7. The score is the product of
     ``score_columns`` (complexity × quality). Rows are walked in (-score, uid) order; a row is
     accepted iff its max cosine to the *already selected* rows is <= ``threshold`` (strictly
     sequential, the reference semantics; DEITA's batched variant is not adopted).
@@ -223,7 +224,7 @@ _TOKEN_RE = re.compile(r"\w+|[^\w\s]+")
 
 
 def dsir_bucket(gram: str, n_buckets: int) -> int:
-    """Bucket of one n-gram: int(sha256(utf-8)) mod n_buckets (specs/preference-diagnostics.md §8)."""
+    """Bucket of one n-gram: int(sha256(utf-8)) mod n_buckets (docs/methods/dsir.md §1)."""
     return int(hashlib.sha256(gram.encode("utf-8")).hexdigest(), 16) % n_buckets
 
 

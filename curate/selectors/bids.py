@@ -1,4 +1,4 @@
-"""BIDS: balanced and influential data selection (specs/less-bids.md Part B)."""
+"""BIDS: balanced and influential data selection (docs/methods/less-bids.md Part B)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from curate.selectors.less import SOURCES, check_weights, thi_counts
 
 
 def column_zscore(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column z-score over all rows (ddof = 1), once (spec B.2).
+    """Column z-score over all rows (ddof = 1), once (docs/methods/less-bids.md B.2).
 
     Returns (Ã restricted to the kept columns, boolean mask of kept columns). Columns with
     σ_j < 1e-12·(1 + |μ_j|) are dropped (the caller warns).
@@ -53,7 +53,7 @@ def bids_naive(at: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def bids_rowmax(at: np.ndarray, budget: int, block: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Algorithm 1 with the exact row-max bound (spec B.4); output identical to :func:`bids_naive`.
+    """Algorithm 1 with the exact row-max bound (docs/methods/less-bids.md B.4); output identical to :func:`bids_naive`.
 
     u_i = max_j fl(Ã_ij − r_j) <= fl(m_i − min_j r_j) with m_i = max_j Ã_ij, because rounded
     subtraction is monotone. Rows are scanned in (−m_i, index) order in growing blocks, and the scan
@@ -111,8 +111,8 @@ def bids_pruned(at: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray, np
     smallest index among every (i, j) with fl(Ã_ij − r_j) = u*, found by walking down each column
     that attains u* while the rounded value still equals u*, so first-index ties match the naive
     loop exactly. Cost O(N·M log N) once, then O(M) per step (plus pointer moves); memory N·M int32.
-    This goes beyond the spec's row-max bound (B.4, :func:`bids_rowmax`), which prunes little on
-    dense random scores; output is bit-identical to :func:`bids_naive` (tested).
+    This goes beyond the row-max bound of docs/methods/less-bids.md B.4 (:func:`bids_rowmax`), which
+    prunes little on dense random scores; output is bit-identical to :func:`bids_naive` (tested).
     """
     n, m = at.shape
     budget = min(budget, n)

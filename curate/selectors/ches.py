@@ -1,30 +1,30 @@
 """CHES and LN-CHES: filtering preference pairs that cause likelihood displacement.
 
 Razin et al., "Unintentional Unalignment: Likelihood Displacement in Direct Preference Optimization",
-ICLR 2025 (arXiv 2410.08847), Definition 2 (CHES) and Appendix A, Definition 3 (LN-CHES); spec
-``specs/ches.md``. For a prompt x and responses y+ (chosen), y- (rejected), with h the last-layer hidden
-state *after the final norm* (the input of the unembedding) at each position that predicts a response
-token, s± = Σ_k h_{x,y±<k} and m± = s±/|y±|::
+ICLR 2025 (arXiv 2410.08847), Definition 2 (CHES) and Appendix A, Definition 3 (LN-CHES); see
+``docs/methods/ches.md``. For a prompt x and responses y+ (chosen), y- (rejected), with h the last-layer
+hidden state *after the final norm* (the input of the unembedding) at each position that predicts a
+response token, s± = Σ_k h_{x,y±<k} and m± = s±/|y±|::
 
     CHES(x, y+, y-)    = <s+, s- - s+>
     LN-CHES(x, y+, y-) = <m+, m- - m+>
 
 Higher means more similar responses and more expected displacement of log π(y+), so the native quantity
-is lower-is-better and ``score = -measure`` (specs/README.md §5).
+is lower-is-better and ``score = -measure`` (docs/methods/README.md §5).
 
-Positions (spec §2): ``ids = prompt_ids ⊕ response_ids`` (prompt rendered through the chat template with
-the generation prompt; response content tokenised alone, EOS appended when ``append_eos``); the R states
-at positions P-1 … P+R-2 are captured with a forward pre-hook on ``model.get_output_embeddings()`` and
-cast to float64 before summing (spec §3). The same forward pass yields the response log-probability
-Σ_t log π(y_t | x, y<t) (used by :mod:`curate.preference.diagnostics` for the reference margin), so one
-pass per response serves both.
+Positions (docs/methods/ches.md §2): ``ids = prompt_ids ⊕ response_ids`` (prompt rendered through the chat
+template with the generation prompt; response content tokenised alone, EOS appended when ``append_eos``); the
+R states at positions P-1 … P+R-2 are captured with a forward pre-hook on ``model.get_output_embeddings()``
+and cast to float64 before summing (docs/methods/ches.md §3). The same forward pass yields the response
+log-probability Σ_t log π(y_t | x, y<t) (used by :mod:`curate.preference.diagnostics` for the reference
+margin), so one pass per response serves both.
 
 Where we deviate from the reference code (``princeton-nlp/unintentional-unalignment``):
 
 - Batching: the batched mode is **left padding with explicit** ``position_ids = clamp(cumsum(mask) - 1, 0)``
   (the reference left-pads without position ids, which is only correct for RoPE models). Left padding lets
   every row's response positions sit at the end of the batch, so the LM head runs only on the last
-  ``max R + 1`` positions (``logits_to_keep``). ``padding="right"`` (per-row positions, the spec's batched
+  ``max R + 1`` positions (``logits_to_keep``). ``padding="right"`` (per-row positions, the plain batched
   mode) and ``padding="none"`` (one example at a time, the reference default) give the same numbers
   (tests: 1e-10 in float64). ``padding="prefix"`` (pairs only) runs the shared prompt once per pair
   and both responses as one batch of two on its KV cache: the same numbers (tests: 1e-10), and fewer
@@ -202,7 +202,7 @@ def _pad_id(model: Any, pad_token_id: int | None) -> int:
 def response_states(model: Any, prompt: Sequence[int], response: Sequence[int]) -> tuple[Any, Any]:
     """(states (R, d) float64, logits (R, V)) at the R positions predicting ``response`` (no padding).
 
-    The reference path of the spec's pseudo-code: one example, no padding, full forward.
+    The reference path (docs/methods/ches.md §2): one example, no padding, full forward.
     """
     torch = require("torch", "CHES")
     ids = list(prompt) + list(response)

@@ -1,4 +1,4 @@
-"""LESS: targeted selection by gradient-feature influence (specs/less-bids.md Part A)."""
+"""LESS: targeted selection by gradient-feature influence (docs/methods/less-bids.md Part A)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """Quad: quality and diversity by a UCB bandit over embedding clusters, rewarded by EK-FAC influence.
 
 Zhang et al., "Harnessing Diversity for Important Data Selection in Pretraining Large Language
-Models", ICLR 2025, arXiv 2409.16986; spec ``specs/quad.md``. Written from the paper and the spec;
-nothing of the released reference code is ported (it inverts nothing in its EK-FAC step, mixes
-coordinate systems and probes other documents than it accepts, spec §2.3).
+Models", ICLR 2025, arXiv 2409.16986; see ``docs/methods/quad.md``. Written from the paper and that
+note; nothing of the released reference code is ported (it inverts nothing in its EK-FAC step, mixes
+coordinate systems and probes other documents than it accepts, docs/methods/quad.md §2.3).
 
-Pipeline (spec §3):
+Pipeline (docs/methods/quad.md §3):
 
 1. **Clusters.** Embeddings are L2-normalised and clustered with spherical faiss k-means
    (:func:`cluster_rows`); labels are renumbered by the smallest uid they contain, so they do not
@@ -22,8 +22,8 @@ Pipeline (spec §3):
    score[j] += r·(1 − D[k, j]/γ), cnt[j] += 1 for D[k, j] < γ; UCB[j] = score/cnt +
    α·√(2 ln N_tot / (cnt + 1)); exhausted arms get −∞; ``arms_per_round`` arms per round.
 
-Deviations (all deliberate, see spec §3-§4): small-pool defaults for K, chunk size, probe size and
-arms per round; scale-free ``tau="auto"`` / ``alpha="auto"`` from a calibration sample; no random
+Deviations (all deliberate, see docs/methods/quad.md §3-§4): small-pool defaults for K, chunk size,
+probe size and arms per round; scale-free ``tau="auto"`` / ``alpha="auto"`` from a calibration sample; no random
 projection (exact factored cosine; the paper projects to 8192 dimensions) — ``d`` is not
 implemented; a row evaluated twice (calibration and a later probe) is evaluated once and counted
 once; the run stops in the middle of a round as soon as the budget is filled (the reference code
@@ -70,7 +70,7 @@ RewardFn = Callable[[Sequence[str]], np.ndarray]
 
 # ----------------------------------------------------------------------------------- defaults
 def default_n_clusters(n: int) -> int:
-    """K = clamp(round(√N / 2), 2, 10,000), at most N (spec §4)."""
+    """K = clamp(round(√N / 2), 2, 10,000), at most N (docs/methods/quad.md §4)."""
     return max(1, min(n, max(2, min(10_000, int(round(math.sqrt(n) / 2))))))
 
 
@@ -116,7 +116,7 @@ def centroid_distances(emb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
 
 
 def cluster_rows(emb: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical faiss k-means of L2-normalised rows (spec §3.1).
+    """Spherical faiss k-means of L2-normalised rows (docs/methods/quad.md §3.1).
 
     Returns:
         (labels (N,) renumbered by first member, centroid distance matrix D (K', K')).
@@ -214,7 +214,8 @@ def ucb_values(score: np.ndarray, cnt: np.ndarray, n_tot: int, alpha: float, exh
 
 
 def auto_tau_alpha(cal: np.ndarray) -> tuple[float, float]:
-    """τ = mean(ρ_cal), α = 0.025·std(ρ_cal, ddof=1) (spec §3.4; a project choice, not the paper's)."""
+    """τ = mean(ρ_cal), α = 0.025·std(ρ_cal, ddof=1) (docs/methods/quad.md §3.4; a project choice,
+    not the paper's)."""
     cal = np.asarray(cal, dtype=np.float64)
     tau = float(cal.mean()) if len(cal) else 0.0
     alpha = 0.025 * float(cal.std(ddof=1)) if len(cal) > 1 else 0.0
@@ -239,7 +240,7 @@ def run_bandit(
     n_rows: int | None = None,
     seed: int = 0,
 ) -> BanditResult:
-    """The Quad bandit over clusters (spec §3.3-§3.5), independent of where rewards come from.
+    """The Quad bandit over clusters (docs/methods/quad.md §3.3-§3.5), independent of where rewards come from.
 
     Args:
         chunks: per cluster, its chunks of row indices (:func:`make_chunks`).
@@ -358,7 +359,7 @@ def run_bandit(
 
 # ----------------------------------------------------------------------------------- influence oracle
 class InfluenceReward:
-    """ρ(z) = cos(G_z, P(V)) (or the raw ⟨P(V), G_z⟩) with EK-FAC fitted on the pool (spec §3.2).
+    """ρ(z) = cos(G_z, P(V)) (or the raw ⟨P(V), G_z⟩) with EK-FAC fitted on the pool (docs/methods/quad.md §3.2).
 
     V = Σ_{r ∈ targets} ∇ℓ_sum(r) over the tracked modules (``reference_agg="sum"``) or the mean of
     the unit-normalised per-target P(V_r) (``"mean_of_normalized"``, the reference code's average of
@@ -466,6 +467,13 @@ class InfluenceReward:
 
 
 # ----------------------------------------------------------------------------------- selector
+def contract_reward(uids: Sequence[str]) -> np.ndarray:
+    """A deterministic reward in [0, 1) from a hash of each uid (the contract checks' oracle)."""
+    import hashlib
+
+    return np.array([int(hashlib.md5(str(u).encode()).hexdigest()[:6], 16) / 2**24 for u in uids])
+
+
 def _auto_or_float(owner: str, name: str, value: Any, lo: float | None = None) -> None:
     if isinstance(value, str) and value == "auto":
         return
@@ -481,7 +489,7 @@ class QuadSelector(BaseSelector):
 
     Role ``embed`` (pool embeddings, e.g. MiniLM); a target table (the reference set) unless a
     ``reward_fn`` is injected. Parameters ``None`` / ``"auto"`` take the small-pool defaults of
-    specs/quad.md §4 (K = √N/2, c = N/4K, m = ⌈c/10⌉, A = ⌈K/10⌉, τ = mean and α = 0.025·std of a
+    docs/methods/quad.md §4 (K = √N/2, c = N/4K, m = ⌈c/10⌉, A = ⌈K/10⌉, τ = mean and α = 0.025·std of a
     64-row calibration sample). ``factors`` is a folder written by ``curate influence fit`` (else
     EK-FAC is fitted on ``fit_examples`` pool rows). See the module docstring for deviations.
     """
@@ -520,6 +528,8 @@ class QuadSelector(BaseSelector):
         ("n_calibration", 1), ("init", "first"), ("fill", "all"), ("reward", "dot"), ("damping", -1.0),
         ("max_length", 1), ("batch_size", 0), ("max_targets", 0), ("fit_examples", 0),
     )
+    #: the default reward loads a causal LM; the contract is about the bandit and the frame
+    contract_params: ClassVar[dict[str, Any]] = {"reward_fn": contract_reward}
 
     def __post_init__(self) -> None:
         o = "Quad"

@@ -1,4 +1,4 @@
-"""``curate select``: run one selector on files and write the run outputs (issue 6 "CLI contract").
+"""``curate select``: run one selector on files and write the run outputs.
 
 :func:`select_files` does all the work so that the click command in ``curate/cli.py`` is a thin
 wrapper (parse options, call, print the summary, map errors to exit code 2):

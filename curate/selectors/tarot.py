@@ -1,4 +1,4 @@
-"""TAROT: targeted selection by optimal transport on whitened features (specs/tarot.md)."""
+"""TAROT: targeted selection by optimal transport on whitened features (docs/methods/tarot.md)."""
 
 from __future__ import annotations
 
@@ -92,13 +92,13 @@ def sinkhorn_log(a: np.ndarray, b: np.ndarray, cost: np.ndarray, eps: float, *, 
 
 def entropic_ot(a: np.ndarray, b: np.ndarray, cost: np.ndarray, eps: float, *, scaling: float = 0.5,
                 inner_iter: int = 200, max_iter: int = 2000, tol: float = 1e-6) -> tuple[float, np.ndarray, np.ndarray]:
-    """Annealed log-domain Sinkhorn with geomloss-convention potentials (specs/tarot.md §2).
+    """Annealed log-domain Sinkhorn with geomloss-convention potentials (docs/methods/tarot.md §2).
 
     ε starts at max C and is multiplied by ``scaling``² per stage down to ``eps``; intermediate
     stages run ≤ ``inner_iter`` iterations, the last ≤ ``max_iter``, each to marginal error ``tol``,
     warm-started by rescaling the potentials. Each stage is :func:`sinkhorn_log` (POT's iteration;
-    the spec names ``ot.bregman.sinkhorn_log``, whose scipy log-sum-exp made the N = 100,000
-    benchmark miss its 60 s goal; tests check the value against ``ot.solve(M, a, b, reg=ε)``).
+    ``ot.bregman.sinkhorn_log`` itself, with scipy's log-sum-exp, made the N = 100,000 benchmark
+    miss its 60 s goal; tests check the value against ``ot.solve(M, a, b, reg=ε)``).
 
     Returns:
         (OT_ε value = ⟨a, f⟩ + ⟨b, g⟩, f, g) with the plan a_i b_j exp((f_i + g_j − C_ij)/ε).
@@ -202,10 +202,11 @@ class TarotSelector(BaseSelector):
     N + M < 50·d), ``pca`` (``whiten_rank`` directions) and ``none`` are explicit choices; the old
     ``True`` / ``False`` mean ``full`` / ``none``.
 
-    Deviations from the reference (specs/tarot.md §8): whitening as above, float64, relative ridge; ``tie_break="min_potential"`` by default (the
-    reference's ``max_potential`` gives a higher OT distance on the planted test — asserted in
-    tests); OTM keeps the argmin set (``otm_keep="reference"`` keeps the one-past-the-minimum set);
-    k_nn doubles instead of returning fewer than B; ``n_folds = min(10, M)``; weighting off.
+    Deviations from the reference (docs/methods/tarot.md §8): whitening as above, float64, relative
+    ridge; ``tie_break="min_potential"`` by default (the reference's ``max_potential`` gives a
+    higher OT distance on the planted test — asserted in tests); OTM keeps the argmin set
+    (``otm_keep="reference"`` keeps the one-past-the-minimum set); k_nn doubles instead of
+    returning fewer than B; ``n_folds = min(10, M)``; weighting off.
     """
 
     name: ClassVar[str] = "tarot"
@@ -233,6 +234,8 @@ class TarotSelector(BaseSelector):
         ("n_folds", 1), ("patience", 0), ("tol", -1.0), ("whiten", "zca"), ("whiten_rank", 0),
         ("samples_per_dim", 0),
     )
+    #: unwhitened; the whitened modes have contract tests of their own
+    contract_params: ClassVar[dict[str, Any]] = {"whiten": "none"}
 
     def __post_init__(self) -> None:
         o = "TAROT"

@@ -41,7 +41,7 @@ from curate.cli import VERB_MODULES
 ROOT = Path(curate.__file__).resolve().parent
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("curate.errors", "curate._lazy", "curate.schema"),
+    ("curate.errors", "curate._lazy", "curate.schema", "curate.validation"),
     ("curate.io",),
     ("curate.pipeline", "curate.report"),
     ("curate.features",),

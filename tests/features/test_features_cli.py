@@ -1,4 +1,4 @@
-"""The feature verbs through ``curate.cli.main``: embed, gradients, warmup, whiten (issue 4 CLI contract)."""
+"""The feature verbs through ``curate.cli.main``: embed, gradients, warmup, whiten."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Warm-up training (LESS §4.1, specs/gradient-features.md §7): loss, checkpoint layout, determinism."""
+"""Warm-up training (LESS §4.1, docs/methods/gradient-features.md §7): loss, checkpoint layout, determinism."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ``whiten`` recipe step (TAROT, specs/gradient-features.md §9) over feature sets in a store."""
+"""The ``whiten`` recipe step (TAROT, docs/methods/gradient-features.md §9) over feature sets in a store."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parity with kronfluence 1.0.1 (specs/ekfac.md §14 test 14): float64, empirical Fisher, same damping.
+"""Parity with kronfluence 1.0.1 (docs/methods/ekfac.md §14 test 14): float64, empirical Fisher, same damping.
 
 Runs only where kronfluence is installed (the benchmark environment, never a project dependency).
 """

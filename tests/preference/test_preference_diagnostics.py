@@ -1,4 +1,4 @@
-"""Pair diagnostics (specs/preference-diagnostics.md §1, §2, §4, §6) on hand-computed cases and planted pairs."""
+"""Pair diagnostics (docs/methods/preference-diagnostics.md §1, §2, §4, §6) on hand-computed cases and planted pairs."""
 
 from __future__ import annotations
 

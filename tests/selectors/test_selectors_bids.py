@@ -1,4 +1,4 @@
-"""BIDS and LESS on hand-worked and planted influence matrices (specs/less-bids.md B.10, A.3)."""
+"""BIDS and LESS on hand-worked and planted influence matrices (docs/methods/less-bids.md B.10, A.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Quad's bandit on synthetic clusters with known quality (specs/quad.md §7 a-c, e) and the contract."""
+"""Quad's bandit on synthetic clusters with known quality (docs/methods/quad.md §7 a-c, e) and the contract."""
 
 from __future__ import annotations
 

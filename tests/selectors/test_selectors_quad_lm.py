@@ -1,4 +1,4 @@
-"""Quad's influence reward on a tiny LM built in code (specs/quad.md §7 d, f)."""
+"""Quad's influence reward on a tiny LM built in code (docs/methods/quad.md §7 d, f)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TAROT on the planted 3-mode problem, OT numerics against POT's exact solver (specs/tarot.md §10)."""
+"""TAROT on the planted 3-mode problem, OT numerics against POT's exact solver (docs/methods/tarot.md §10)."""
 
 from __future__ import annotations
 

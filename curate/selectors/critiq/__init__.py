@@ -1,5 +1,5 @@
 """CritiQ (Guo et al., ACL 2025, arXiv 2502.19279): LLM judges, the CritiQ Flow, agent annotation
-and the Bradley–Terry scorer with Gumbel top-k selection. See specs/critiq.md.
+and the Bradley–Terry scorer with Gumbel top-k selection. See docs/methods/critiq.md.
 
 The ``critiq`` selector is listed in :data:`curate.selectors.SELECTORS`; importing this package
 registers the ``critiq_mine`` / ``critiq_annotate`` recipe steps. Heavy and HTTP dependencies

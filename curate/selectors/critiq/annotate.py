@@ -1,4 +1,4 @@
-"""Agent annotation of a pool with the final CritiQ criteria (specs/critiq.md §7).
+"""Agent annotation of a pool with the final CritiQ criteria (docs/methods/critiq.md §7).
 
 Length-bucketed random pairing (render prompt + response, cut to ``max_data_chars``, sort by
 length with ties by uid, ``n_buckets`` equal-count buckets, seeded shuffle within each bucket,

@@ -1,4 +1,4 @@
-"""Deterministic test doubles for CritiQ (specs/critiq.md §12): a rule-based worker whose answers
+"""Deterministic test doubles for CritiQ (docs/methods/critiq.md §12): a rule-based worker whose answers
 depend on a hidden quality rule, a scripted manager, the synthetic Python-function task, and an
 adapter that turns any backend into a :class:`~curate.selectors.critiq.judge.Judge`.
 

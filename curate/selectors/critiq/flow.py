@@ -1,12 +1,12 @@
 """The CritiQ Flow: mining verbal quality criteria from ~30 human preference pairs.
 
-Implements specs/critiq.md §2-§5 after "CritiQ: Mining Data Quality Criteria from Human
+Implements docs/methods/critiq.md §2-§5 after "CritiQ: Mining Data Quality Criteria from Human
 Preferences" (Guo et al., ACL 2025, arXiv 2502.19279): knowledge-base retrieval, manager
 warm-up, per-(pair, criterion) worker judgments, accuracy over non-abstentions, majority vote,
 triage (good ≥ 0.75 kept, mid refined by reflection on wrong cases, low ≤ 0.5 banned and
 replaced), best version per name, final criteria ≥ 0.75.
 
-Deviations from the reference code (spec §10): reflection and refine prompts carry the real
+Deviations from the reference code (docs/methods/critiq.md §10): reflection and refine prompts carry the real
 description (the reference shows "Description: None"); refined descriptions are assembled by
 name, never by completion order; a final parse failure is an ``invalid`` result; KB ties are
 broken by name, not at random; the A/B swap stream is seeded by ``seed`` rather than a fixed
@@ -75,7 +75,7 @@ class Criterion:
 
 @dataclass(frozen=True, kw_only=True)
 class FlowConfig:
-    """Parameters of the Flow (specs §3, §5).
+    """Parameters of the Flow (docs/methods/critiq.md §3, §5).
 
     Attributes:
         n_criteria: criteria in the initial set (paper 20; the reference code's default is 10).
@@ -159,7 +159,7 @@ def _texts_block(a: str, b: str) -> str:
 
 
 def worker_messages(criterion: Criterion, pair: Pair, max_chars: int = 20000) -> list[dict[str, str]]:
-    """The stateless worker prompt for one (pair, criterion) (specs §3 step 4)."""
+    """The stateless worker prompt for one (pair, criterion) (docs/methods/critiq.md §3 step 4)."""
     user = (
         "Compare two texts with respect to ONE quality criterion.\n\n"
         f"[Criterion name]\n{criterion.name}\n[Criterion description]\n{criterion.description}\n\n"
@@ -415,7 +415,7 @@ def load_criteria(path: str | os.PathLike[str]) -> list[Criterion]:
 
 # --------------------------------------------------------------------------- the flow
 class CritiQFlow:
-    """The CritiQ Flow (specs §3). ``worker`` and ``manager`` are separate :class:`JudgeSession`s.
+    """The CritiQ Flow (docs/methods/critiq.md §3). ``worker`` and ``manager`` are separate :class:`JudgeSession`s.
 
     Args:
         worker: judges (pair, criterion) at ``worker_temperature``.

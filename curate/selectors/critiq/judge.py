@@ -1,7 +1,7 @@
 """LLM judges for CritiQ: the :class:`Judge` protocol, an OpenAI-compatible HTTP client, the
 SQLite response cache and :class:`JudgeSession` (cache + call accounting + strict JSON re-asks).
 
-Implements specs/critiq.md §4 and §6 (CritiQ: "Mining Data Quality Criteria from Human
+Implements docs/methods/critiq.md §4 and §6 (CritiQ: "Mining Data Quality Criteria from Human
 Preferences", Guo et al., ACL 2025, arXiv 2502.19279). Deviations from the reference code:
 
 - retries back off exponentially (1, 2, 4, … s, capped at 60 s, at most 6 tries) instead of
@@ -47,7 +47,7 @@ class JudgeError(RuntimeError):
 
 
 class JudgeParseError(ValueError):
-    """A judge reply does not follow the JSON contract of specs/critiq.md §4."""
+    """A judge reply does not follow the JSON contract of docs/methods/critiq.md §4."""
 
 
 class CacheMiss(KeyError):
@@ -189,7 +189,7 @@ class OpenAICompatJudge:
 # --------------------------------------------------------------------------- cache
 def cache_key(judge_name: str, messages: list[dict[str, str]], *, temperature: float, max_tokens: int,
               seed: int | None, attempt: int, guided_choice: Sequence[str] | None = None) -> str:
-    """sha256 of the canonical JSON of everything that determines a reply (specs §6).
+    """sha256 of the canonical JSON of everything that determines a reply (docs/methods/critiq.md §6).
     ``guided_choice`` enters only when set, so free-text keys are unchanged."""
     payload: dict[str, Any] = {"judge": judge_name, "messages": messages, "temperature": float(temperature),
                                "max_tokens": int(max_tokens), "seed": seed, "attempt": int(attempt)}

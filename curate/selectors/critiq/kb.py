@@ -1,4 +1,4 @@
-"""The starter knowledge base of generic instruction-data criteria (specs/critiq.md §13).
+"""The starter knowledge base of generic instruction-data criteria (docs/methods/critiq.md §13).
 
 The paper's 342-criterion knowledge base is not public; these 22 criteria are the project's
 default. A user knowledge base is a JSON list of ``{"name", "description"}`` objects.

@@ -1,4 +1,4 @@
-"""CritiQ Scorer and selection (specs/critiq.md §8-§9).
+"""CritiQ Scorer and selection (docs/methods/critiq.md §8-§9).
 
 A Bradley–Terry model s(x) trained on agent-labelled pairs, L = −Σ log σ(s(x_w) − s(x_l))
 ("CritiQ", Guo et al., ACL 2025, arXiv 2502.19279, §3.3), then Gumbel top-k sampling of B rows
@@ -18,6 +18,7 @@ QuRating tool's extra 10% token margin is not adopted; ``domain_quotas`` is not 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -155,6 +156,17 @@ class CritiqSelector(BaseSelector):
     C: float = 1.0
     temperature: float = 1.0
     sample: bool = True
+
+    @classmethod
+    def contract_params(cls, folder: Path, table: pl.DataFrame) -> dict[str, Any]:
+        """The contract checks' parameters: 80 random judged pairs over ``table`` written to ``folder``."""
+        rng = np.random.default_rng(0)
+        uids = table["uid"].to_list()
+        pairs = [rng.choice(len(uids), 2, replace=False) for _ in range(80)]
+        path = folder / "contract_pairs.parquet"
+        pl.DataFrame({"winner_uid": [uids[a] for a, _ in pairs], "loser_uid": [uids[b] for _, b in pairs]}
+                     ).write_parquet(path)
+        return {"pairs": str(path)}
 
     def __post_init__(self) -> None:
         if not isinstance(self.pairs, str) or not self.pairs:

@@ -1,5 +1,5 @@
 """``curate judge serve``: a local OpenAI-compatible endpoint (``/v1/chat/completions``,
-``/v1/models``) so the CritiQ Flow runs offline (specs/critiq.md §6, DESIGN.md "Models and judges").
+``/v1/models``) so the CritiQ Flow runs offline (docs/methods/critiq.md §6, docs/architecture.md "Contracts").
 
 Backends are pluggable: a backend is any callable ``(messages, params) -> str`` where ``params``
 holds ``temperature``, ``max_tokens`` and ``seed``. The server maps the request's ``model`` field to

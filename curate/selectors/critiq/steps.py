@@ -79,7 +79,7 @@ def _out_path(output: str, ctx: StepContext, default: str) -> Path:
 @dataclass(frozen=True, kw_only=True)
 class CritiQMine(_JudgeParams):
     """Mine quality criteria from human preference pairs with the CritiQ Flow (Guo et al., ACL 2025,
-    arXiv 2502.19279; specs/critiq.md §3). Keeps every row of the table.
+    arXiv 2502.19279; docs/methods/critiq.md §3). Keeps every row of the table.
 
     The human pairs come from the file ``pairs`` (any preference format curate reads; the chosen
     response is the better one), not from the recipe's table, which is usually the unlabelled pool.
@@ -147,7 +147,7 @@ class CritiQMine(_JudgeParams):
 @dataclass(frozen=True, kw_only=True)
 class CritiQAnnotate(_JudgeParams):
     """Label length-bucketed random pairs of the table's rows by majority vote over mined criteria
-    (specs/critiq.md §7); writes the judged-pairs parquet the ``critiq`` selector trains on. Keeps
+    (docs/methods/critiq.md §7); writes the judged-pairs parquet the ``critiq`` selector trains on. Keeps
     every row. Resumable through the judge cache.
 
     Args:

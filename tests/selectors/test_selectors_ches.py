@@ -1,4 +1,4 @@
-"""CHES / LN-CHES (specs/ches.md §6): identities, positions, padding, planted pairs, modes, contract."""
+"""CHES / LN-CHES (docs/methods/ches.md §6): identities, positions, padding, planted pairs, modes, contract."""
 
 from __future__ import annotations
 
