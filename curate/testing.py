@@ -190,12 +190,7 @@ def check_missing_features(cls: type, params: dict[str, Any] | None = None, *, n
     s = _setup(cls, params, n, seed)
     for role in s.sel.required_features():
         less = {k: v for k, v in s.feats.items() if k != role}
-        try:
-            s.sel.select(s.table, less, 10, seed=seed, targets=s.targets)
-        except MissingFeatureError:
-            pass
-        else:
-            raise AssertionError(f"{s.who}: missing feature role '{role}' did not raise MissingFeatureError")
+        _expect_missing(s, less, seed, f"missing feature role '{role}'")
 
 
 def check_missing_feature_uids(cls: type, params: dict[str, Any] | None = None, *, n: int = 60,
@@ -207,12 +202,16 @@ def check_missing_feature_uids(cls: type, params: dict[str, Any] | None = None, 
     role = next(r for r in s.sel.required_features() if not r.startswith("target_"))
     fs = s.feats[role]
     cut = {**s.feats, role: FeatureSet(fs.name, fs.uids[1:], np.asarray(fs.values)[1:], dict(fs.meta))}
+    _expect_missing(s, cut, seed, f"a uid missing from '{role}'")
+
+
+def _expect_missing(s: Any, feats: dict[str, FeatureSet], seed: int, what: str) -> None:
+    """Selecting with ``feats`` must raise MissingFeatureError."""
     try:
-        s.sel.select(s.table, cut, 10, seed=seed, targets=s.targets)
+        s.sel.select(s.table, feats, 10, seed=seed, targets=s.targets)
     except MissingFeatureError:
-        pass
-    else:
-        raise AssertionError(f"{s.who}: a uid missing from '{role}' did not raise MissingFeatureError")
+        return
+    raise AssertionError(f"{s.who}: {what} did not raise MissingFeatureError")
 
 
 def check_frame_schema(cls: type, params: dict[str, Any] | None = None, *, n: int = 60, seed: int = 0) -> None:
