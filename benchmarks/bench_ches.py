@@ -32,9 +32,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from curate.features.ches_states import ches_table, encode_pairs, pair_states
     from curate.features.lm import load_causal_lm
     from curate.io import read_sources
-    from curate.selectors.ches import ches_table, encode_pairs, pair_states
 
     table = read_sources([DATA / "hh-rlhf" / "harmless-base_test.jsonl.gz"]).table.head(args.n)
     model, tok = load_causal_lm("default", device="cpu", attn_implementation="sdpa")

@@ -321,9 +321,11 @@ def main() -> None:
     with (ExternalJudge(args.judge_url) if args.judge_url else JudgeServer(RUNS / "serve.log", threads=args.server_threads)) as server:
         timings["server_startup_s"] = round(server.startup_s, 1)
         cache = JudgeCache(args.cache)
-        worker = JudgeSession(OpenAICompatJudge(server.url, args.judge_model, max_concurrency=1, timeout_s=900),
+        worker = JudgeSession(OpenAICompatJudge(server.url, args.judge_model, max_concurrency=1, timeout_s=900,
+                                                    endpoint="curate-judge-serve"),
                               cache, max_retries=args.worker_retries)
-        manager = JudgeSession(OpenAICompatJudge(server.url, args.judge_model, max_concurrency=1, timeout_s=900),
+        manager = JudgeSession(OpenAICompatJudge(server.url, args.judge_model, max_concurrency=1, timeout_s=900,
+                                                    endpoint="curate-judge-serve"),
                                cache, max_retries=args.manager_retries)
 
         # 2. mine

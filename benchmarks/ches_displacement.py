@@ -4,7 +4,7 @@ Razin et al., "Unintentional Unalignment: Likelihood Displacement in Direct Pref
 Optimization", ICLR 2025 (arXiv 2410.08847), §5: DPO on the pairs with the highest LN-CHES
 (most similar chosen/rejected hidden-state means) lowers log π(chosen) more than DPO on the
 lowest-LN-CHES pairs. Here: ``--n`` hh-rlhf harmless-base pairs are scored with curate's CHES
-(``curate.selectors.ches.ches_features`` on the packaged SmolLM2-135M-Instruct); the ``--k`` pairs
+(``curate.features.ches_states.ches_features`` on the packaged SmolLM2-135M-Instruct); the ``--k`` pairs
 with the highest and the ``--k`` with the lowest LN-CHES each get ``--steps`` full-batch DPO steps
 (β = ``--beta``, reference = the initial model) from the same initial weights; reported: mean
 change of log π(chosen) and log π(rejected) (summed over response tokens) on those pairs.
@@ -104,9 +104,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from curate.features.ches_states import ches_features, ches_table, encode_pairs
     from curate.features.lm import load_causal_lm
     from curate.io import read_sources
-    from curate.selectors.ches import ches_features, ches_table, encode_pairs
 
     t0 = time.perf_counter()
     table = read_sources([DATA / "hh-rlhf" / "harmless-base_test.jsonl.gz"]).table

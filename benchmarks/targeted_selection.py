@@ -25,6 +25,7 @@ bounds. Finished trainings are cached in the workdir, so a stopped run resumes.
     python benchmarks/targeted_selection.py --quick            # < 30 min on 2 cores
     python benchmarks/targeted_selection.py                    # 3,000-row pool, 3 seeds (hours)
     python benchmarks/targeted_selection.py --train random oracle rds rds_lm tarot --seeds 0 1 2
+    python benchmarks/targeted_selection.py --methods dsir --train random dsir@mmlu   # one task's targets
 """
 
 from __future__ import annotations
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--grads", action="store_true", help="also LESS and BIDS (warm-up + gradient features: slow)")
     p.add_argument("--quad", action="store_true", help="also Quad (EK-FAC influence rewards: slow)")
     p.add_argument("--train", nargs="*", default=None, help="part 2 subsets to fine-tune (default: random oracle rds "
-                   "rds_lm tarot dsir)")
+                   "rds_lm tarot dsir); METHOD@TASK selects for that task's targets only")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pool, sel_t, eval_t = data["pool"], data["sel"], data["eval"]
     k = int(args.budget * pool.height)
     need = {"embed"} | ({"hidden"} if any("_lm" in m for m in methods + train) else set())
-    need |= {"grads"} if any(m in ("less", "bids") for m in methods + train) else set()
+    need |= {"grads"} if any(m.partition("@")[0] in ("less", "bids") for m in methods + train) else set()
     tag = f"pool{pool.height}_s{args.n_sel}"
     feats = features(data, Path(args.workdir) / "features" / tag, need, args)
     store = feats["store"]
@@ -363,9 +364,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     outs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in train}
     for seed in args.seeds:  # seed-major: a stopped run leaves every method with the same seeds (±1)
         for method in train:
-            key_pick = (method, "all", 0 if method not in ("random", "oracle") else seed)
+            # "dsir@mmlu": the subset selected for one task's targets (the whole budget on that task)
+            name, _, setting = method.partition("@")
+            setting = setting or "all"
+            key_pick = (name, setting, 0 if name not in ("random", "oracle") else seed)
             if key_pick not in picks:
-                picks[key_pick] = select(method, pool, sel_t, store, k, key_pick[2])
+                tgt = sel_t if setting == "all" else sel_t.filter(pl.col("task") == setting)
+                picks[key_pick] = select(name, pool, tgt, store, k, key_pick[2])
             uids = picks[key_pick]
             key = RunCache.key(uids, seed, cfg, eval_uids)
             out = cache.get(key)
@@ -397,8 +402,9 @@ def summarise(outs: dict[str, dict[int, dict[str, Any]]], base: dict[str, Any], 
                 metrics[f"vs_random_{t}"] = paired_interval(
                     [np.asarray(by_seed[s]["per_example"][t]) for s in common_seeds],
                     [np.asarray(rand[s]["per_example"][t]) for s in common_seeds])
-        if method in part1:
-            metrics["precision_all"] = part1[method]["all"]["precision"]
+        name, _, setting = method.partition("@")
+        if name in part1:
+            metrics[f"precision_{setting or 'all'}"] = part1[name][setting or "all"]["precision"]
         metrics["train_s"] = round(float(np.mean([by_seed[s]["train_s"] for s in seeds])), 1)
         metrics["peak_rss_mb"] = peak_rss_mb()
         record("targeted_selection/downstream", {**common, "method": method, "seeds": seeds, **cfg.__dict__}, metrics)

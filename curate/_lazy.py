@@ -24,7 +24,10 @@ _HINTS: dict[str, tuple[str, str]] = {
     "fastapi": ("fastapi", "judge"),
     "uvicorn": ("uvicorn", "judge"),
     "httpx": ("httpx", "judge"),
+    "datasets": ("datasets", "hf"),
+    "huggingface_hub": ("huggingface_hub", "hf"),
     "umap": ("umap-learn", ""),
+    "lingua": ("lingua-language-detector", "lang"),
 }
 
 

@@ -6,8 +6,10 @@ line of stdout. Exit codes: 0 success, 2 bad input or usage, 1 internal error.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,6 +22,41 @@ from curate.errors import MissingDependencyError, MissingFeatureError, Parameter
 
 USER_ERRORS = (SchemaError, RecipeError, ParameterError, MissingFeatureError, MissingDependencyError,
                FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+# errno values that are the user's or the machine's doing (permissions, a full disk, a file where a
+# folder should be), never a bug: exit 2 with what to fix, not "internal error".
+_OS_USER_ERRNOS = {
+    errno.EACCES: "permission denied; choose a writable place or fix its permissions",
+    errno.EPERM: "operation not permitted; choose a writable place or fix its permissions",
+    errno.EROFS: "read-only file system; choose a writable place",
+    errno.ENOSPC: "no space left on the device; free space and rerun (no output was left half-written)",
+    errno.EDQUOT: "disk quota exceeded; free space and rerun (no output was left half-written)",
+    errno.EFBIG: "file too large for this file system",
+    errno.ENOTDIR: "a path component is a file, not a folder",
+    errno.EISDIR: "a folder is where a file should be",
+    errno.EEXIST: "a file is in the way (a folder was expected there)",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ELOOP: "too many levels of symbolic links",
+}
+
+
+def os_error_message(exc: BaseException) -> str | None:
+    """A clear message for an OS-level failure that the user or the machine caused (see
+    ``_OS_USER_ERRNOS``), or None when ``exc`` is not one. Polars reports write failures as its
+    own exception types carrying ``(os error N)``; those are recognised too."""
+    code: int | None = None
+    where: str | None = None
+    if isinstance(exc, OSError) and exc.errno in _OS_USER_ERRNOS:
+        code, where = exc.errno, exc.filename
+    elif type(exc).__module__.split(".")[0] == "polars":
+        m = re.search(r"\(os error (\d+)\)", str(exc))
+        if m and int(m.group(1)) in _OS_USER_ERRNOS:
+            code = int(m.group(1))
+    if code is None:
+        return None
+    place = f"'{where}'" if where is not None else "an output file"
+    return f"{os.strerror(code)}: {place}: {_OS_USER_ERRNOS[code]}."
 
 
 def _progress_on(quiet: bool) -> bool:
@@ -35,6 +72,8 @@ def _emit(as_json: bool, summary: dict[str, Any], human: Callable[[], None]) -> 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON summary as the last line.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines.")
+plugin_option = click.option("--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE",
+                             help="Import user steps from a Python file or module first (repeatable).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,21 +93,26 @@ def cli() -> None:
               help="fail: stop at the first malformed record; skip: write it to the rejected file and go on.")
 @click.option("--rejected", "rejected_path", type=click.Path(dir_okay=False), default=None,
               help="Where rejected/reported records go [default: OUTPUT with .rejected.parquet].")
+@click.option("--map", "field_map", multiple=True, metavar="TARGET=SOURCE",
+              help="Read source field SOURCE as TARGET, e.g. --map prompt=question --map response=answer (repeatable).")
 @json_option
 @quiet_option
 def ingest(inputs: tuple[str, ...], output: str, fmt: str, kind: str | None, on_error: str,
-           rejected_path: str | None, as_json: bool, quiet: bool) -> None:
+           rejected_path: str | None, field_map: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Read INPUT files, folders or globs into one canonical parquet table."""
     from curate.io import read_sources
     from curate.io.writers import write_parquet
     from curate.pipeline.outcome import reason_category
 
-    res = read_sources(list(inputs), format=fmt, kind=kind, on_error=on_error, progress=_progress_on(quiet))
+    res = read_sources(list(inputs), format=fmt, kind=kind, on_error=on_error, progress=_progress_on(quiet),
+                       map=list(field_map) or None)
     out = Path(output)
     write_parquet(res.table, out)
     rej_path = Path(rejected_path) if rejected_path else out.with_name(out.name.removesuffix(".parquet") + ".rejected.parquet")
     if res.rejects.height:
         write_parquet(res.rejects, rej_path)
+    elif rej_path.is_file():  # a rejected file from an earlier read would be taken for this one's
+        rej_path.unlink()
     kinds = res.table["kind"].value_counts(sort=True).rows() if res.table.height else []
     kind_counts = {k: int(n) for k, n in kinds}
     reasons: dict[str, int] = {}
@@ -144,15 +188,16 @@ def inspect(file: str, n_rows: int, as_json: bool) -> None:
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
               help="Where parallel work runs [default: the recipe's executor].")
 @click.option("--ray-address", default=None, metavar="ADDR", help="Address of a running Ray cluster (implies --executor ray).")
+@plugin_option
 @json_option
 @quiet_option
 def run(recipe: str, run_dir: str | None, overrides: tuple[str, ...], overwrite: bool, executor: str | None,
-        ray_address: str | None, as_json: bool, quiet: bool) -> None:
+        ray_address: str | None, plugins: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Run a YAML RECIPE and write its run folder."""
     from curate.pipeline.recipe import load_recipe
     from curate.pipeline.runner import run_recipe
 
-    rec = load_recipe(recipe, list(overrides))
+    rec = load_recipe(recipe, list(overrides), plugins=list(plugins))
     log = None if quiet or as_json else (lambda m: click.echo(m, err=True))
     if ray_address:
         if executor == "local":
@@ -171,14 +216,15 @@ def run(recipe: str, run_dir: str | None, overrides: tuple[str, ...], overwrite:
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@plugin_option
 @json_option
-def validate(recipe: str, overrides: tuple[str, ...], as_json: bool) -> None:
+def validate(recipe: str, overrides: tuple[str, ...], plugins: tuple[str, ...], as_json: bool) -> None:
     """Check a RECIPE (keys, steps, parameters, inputs) without running it."""
-    from curate.io import expand_inputs
+    from curate.io.inputs import count_files
     from curate.pipeline.recipe import load_recipe
 
-    rec = load_recipe(recipe, list(overrides))
-    files = [str(f) for spec in rec.inputs + rec.targets for f in expand_inputs([spec.path])]
+    rec = load_recipe(recipe, list(overrides), plugins=list(plugins))
+    files = range(sum(count_files(spec) for spec in rec.inputs + rec.targets))  # local files only: no download
     summary = {"command": "validate", "recipe": recipe, "valid": True, "name": rec.name, "hash": rec.hash(),
                "steps": [s.name for s in rec.steps], "files": len(files)}
 
@@ -219,6 +265,12 @@ def _print_funnel(manifest: dict[str, Any]) -> None:
 @click.argument("input_path", metavar="IN.parquet", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--budget", required=True, help="0.1 (fraction), 500 (rows) or tokens:2e6.")
+@click.option("--by", default=None, help="Stratify the budget by this column (source, task, language, ...).")
+@click.option("--ratio", "ratios", multiple=True, metavar="GROUP=SHARE", help="Exact share of a --by group (repeatable).")
+@click.option("--min", "mins", multiple=True, metavar="GROUP=SHARE", help="Floor of a --by group; * = every group.")
+@click.option("--max", "maxs", multiple=True, metavar="GROUP=SHARE", help="Cap of a --by group; * = every group.")
+@click.option("--overshoot", is_flag=True, help="A tokens budget keeps the row that crosses it.")
+@click.option("--tokenizer", default=None, help="Count tokens with this tokenizer folder ('default': packaged SmolLM2).")
 @click.option("--features", type=click.Path(exists=True, file_okay=False), default=None,
               help="A feature-set folder (or a feature store) for the pool roles.")
 @click.option("--target-features", type=click.Path(exists=True, file_okay=False), default=None,
@@ -231,23 +283,31 @@ def _print_funnel(manifest: dict[str, Any]) -> None:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A selector parameter (repeatable).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @json_option
-def select(name: str, input_path: str, out_dir: str, budget: str, features: str | None, target_features: str | None,
-           target: str | None, scores: str | None, factors: str | None, params: tuple[str, ...], seed: int,
-           as_json: bool) -> None:
+def select(name: str, input_path: str, out_dir: str, budget: str, by: str | None, ratios: tuple[str, ...],
+           mins: tuple[str, ...], maxs: tuple[str, ...], overshoot: bool, tokenizer: str | None, features: str | None,
+           target_features: str | None, target: str | None, scores: str | None, factors: str | None,
+           params: tuple[str, ...], seed: int, as_json: bool) -> None:
     """Run selector NAME on IN.parquet: curated, rejected and selection parquet plus a manifest in OUT_DIR."""
     import dataclasses
 
     from curate.selectors import get_selector
-    from curate.selectors.run import parse_params, select_files
+    from curate.selectors.run import parse_budget, parse_params, select_files
 
+    n_pool = _check_parquet(input_path, "the pool")
+    if n_pool == 0:
+        raise SchemaError("the pool is empty.", file=input_path, expected="at least one row", found="0 rows")
+    if target is not None:
+        _check_parquet(target, "the target table")
+    _check_budget(budget, n_pool)
     values = parse_params(list(params))
     if factors is not None:
         cls = get_selector(name)
         if "factors" not in {f.name for f in dataclasses.fields(cls)}:
             raise RecipeError(f"--factors: selector '{name}' takes no EK-FAC factors.")
         values.setdefault("factors", factors)
-    res, manifest = select_files(name, input_path, out_dir, budget=budget, features=features,
-                                 target_features=target_features, target=target, scores=scores, params=values, seed=seed)
+    bud = parse_budget(budget, by=by, ratios=ratios, mins=mins, maxs=maxs, overshoot=overshoot)
+    res, manifest = select_files(name, input_path, out_dir, budget=bud, features=features, target_features=target_features,
+                                 target=target, scores=scores, params=values, seed=seed, tokenizer=tokenizer)
     summary = {"command": "select", "selector": name, "output": out_dir, "rows": manifest["n_rows"],
                "kept": manifest["n_kept"], "budget": manifest["budget"]}
 
@@ -257,17 +317,50 @@ def select(name: str, input_path: str, out_dir: str, budget: str, features: str 
     _emit(as_json, summary, human)
 
 
+def _check_parquet(path: str, what: str) -> int:
+    """Rows of the parquet file ``path``; a file that is not parquet is a :class:`SchemaError`."""
+    import polars as pl
+
+    try:
+        return int(pl.scan_parquet(path).select(pl.len()).collect().item())
+    except Exception as exc:  # noqa: BLE001 - polars raises several types for a file that is not parquet
+        if os_error_message(exc) is not None:
+            raise
+        raise SchemaError(f"{what} is not a readable parquet file.", file=path,
+                          expected="a parquet table (as `curate ingest` writes)",
+                          found=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}") from None
+
+
+def _check_budget(budget: str, n_pool: int) -> None:
+    """Refuse a budget that is not finite or that selects no row of an ``n_pool``-row pool."""
+    from curate.selectors.base import Budget
+
+    try:
+        bud = Budget.parse(budget)
+    except (ValueError, OverflowError) as exc:
+        raise ParameterError(f"--budget {budget!r}: {exc}") from None
+    if bud.tokens is None and bud.rows(n_pool) == 0:
+        raise ParameterError(f"--budget {budget} selects 0 of the pool's {n_pool} rows. Give a fraction of at "
+                             f"least {1 / n_pool:.3g} or a row count >= 1.")
+
+
 # --------------------------------------------------------------------------- list
 @cli.command(name="list")
 @click.argument("what", required=False, type=click.Choice(["steps", "formats", "selectors"]))
+@plugin_option
 @json_option
-def list_(what: str | None, as_json: bool) -> None:
+def list_(what: str | None, plugins: tuple[str, ...], as_json: bool) -> None:
     """List registered steps, input formats and selectors (or only WHAT) with their parameters."""
     import dataclasses
 
     from curate.io import FORMATS
+    from curate.io.plugins import load_format_plugins
+    from curate.pipeline.plugins import load_plugins
     from curate.pipeline.registry import describe_steps
     from curate.selectors import SELECTORS
+
+    load_plugins(list(plugins), Path.cwd(), where="--plugin")
+    load_format_plugins()
 
     steps = describe_steps()
     formats = {name: _describe_format(info) for name, info in FORMATS.items()}
@@ -291,7 +384,8 @@ def list_(what: str | None, as_json: bool) -> None:
         if steps:
             click.echo("steps:")
         for name, d in steps.items():
-            click.echo(f"  {name:22s} {d['doc']}")
+            tag = f" [plugin {d['plugin']}]" if d.get("plugin") else ""
+            click.echo(f"  {name:22s} {d['doc']}{tag}")
             if d["params"]:
                 click.echo(f"  {'':22s} params: {', '.join(f'{k}={v!r}' for k, v in d['params'].items())}")
         if formats:
@@ -327,6 +421,8 @@ VERB_MODULES: dict[str, tuple[str, ...]] = {
     "curate.preference.cli": ("ches", "diagnose", "curriculum", "export"),
     "curate.selectors.critiq.cli": ("judge", "critiq"),
     "curate.report.cli": ("report",),
+    "curate.selectors.mix": ("mix",),
+    "curate.publish": ("push", "card"),
 }
 
 
@@ -407,10 +503,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: report, exit 1
+        message = os_error_message(exc) or _external_error(exc)
+        if message is not None:
+            click.echo(f"error: {message}", err=True)
+            return 2
         if os.environ.get("CURATE_DEBUG"):
             traceback.print_exc()
         click.echo(f"internal error: {type(exc).__name__}: {exc} (set CURATE_DEBUG=1 for a traceback)", err=True)
         return 1
+
+
+def _external_error(exc: BaseException) -> str | None:
+    """The message of a failure outside curate that the user must fix (a judge endpoint that is
+    down or refuses the request), or None."""
+    judge = sys.modules.get("curate.selectors.critiq.judge")  # only loaded when a judge verb ran
+    if judge is not None and isinstance(exc, (judge.JudgeError, judge.CacheMiss)):
+        return str(exc)
+    return None
 
 
 def entry() -> None:

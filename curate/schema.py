@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -88,19 +89,45 @@ def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def _normalise(obj: Any) -> Any:
+#: Deepest nesting of lists/objects a record may have. Real records stay far below it (an
+#: OpenAssistant tree is ~40 levels); far deeper values would exhaust the interpreter's recursion
+#: limit in the JSON parser and encoder, so they are refused with a clear error instead.
+MAX_JSON_DEPTH = 128
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _too_deep() -> SchemaError:
+    return SchemaError("value nested too deeply.", expected=f"at most {MAX_JSON_DEPTH} levels of lists/objects",
+                       found="deeper nesting")
+
+
+def _normalise(obj: Any, depth: int = 0) -> Any:
     if isinstance(obj, str):
         return nfc(obj)
     if isinstance(obj, Mapping):
-        return {nfc(str(k)): _normalise(v) for k, v in obj.items()}
+        if depth >= MAX_JSON_DEPTH:
+            raise _too_deep()
+        return {nfc(str(k)): _normalise(v, depth + 1) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_normalise(v) for v in obj]
+        if depth >= MAX_JSON_DEPTH:
+            raise _too_deep()
+        return [_normalise(v, depth + 1) for v in obj]
     return obj
 
 
 def canonical_json(obj: Any) -> str:
-    """Canonical JSON: NFC text, sorted keys, separators ``(",", ":")``, UTF-8 kept."""
-    return json.dumps(_normalise(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Canonical JSON: NFC text, sorted keys, separators ``(",", ":")``, UTF-8 kept.
+
+    Raises:
+        SchemaError: ``obj`` nests deeper than :data:`MAX_JSON_DEPTH`, or holds a lone UTF-16
+            surrogate (``"\\ud800"`` in JSON), which has no UTF-8 encoding and so no hash.
+    """
+    text = json.dumps(_normalise(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise SchemaError("text holds a lone surrogate escape.", expected="valid Unicode text",
+                          found=f"U+{ord(bad.group()):04X} at character {bad.start()}")
+    return text
 
 
 def uid(content: Mapping[str, Any]) -> str:
@@ -211,13 +238,13 @@ def make_record(
         rec["source_format"] = source_format
         rec["source_id"] = None if source_id is None else str(source_id)
         rec["meta"] = canonical_json(dict(meta)) if meta else None
+        rec["uid"] = uid(content_of(rec))
     except SchemaError as exc:
         if exc.file is None and source is not None:
             raise SchemaError(
                 str(exc), file=source, line=source_line
             ) from None
         raise
-    rec["uid"] = uid(content_of(rec))
     return rec
 
 

@@ -100,12 +100,20 @@ def _emit(manifest: dict[str, Any], as_json: bool) -> None:
 @click.option("--ngram", type=int, default=5, show_default=True)
 @click.option("--shingle", type=click.Choice(["word", "char"]), default="word", show_default=True)
 @click.option("--field", default="prompt+response", show_default=True, help="Text compared by MinHash/semantic.")
+@click.option("--short-words", type=int, default=None,
+              help="MinHash pass 2: rows of at most this many words also compared on word bigrams "
+                   "(default 64; 0 turns pass 2 off).")
+@click.option("--short-ngram", type=int, default=None, help="MinHash pass 2 word n-gram length (default 2).")
+@click.option("--short-threshold", type=float, default=None, help="MinHash pass 2 Jaccard threshold (default 0.5).")
+@click.option("--short-edits", type=int, default=None,
+              help="MinHash pass 2: at most about this many edited words (default 2; -1: no bound).")
 @click.option("--semantic", is_flag=True, help="Semantic dedup (embeddings + faiss radius search).")
 @click.option("--eps", type=float, default=0.05, show_default=True, help="Semantic: cosine >= 1 - eps.")
 @click.option("--model", default="default", show_default=True, help="Embedder for --semantic.")
 @click.option("--json", "as_json", is_flag=True)
 def dedup(input_path: str, output: str, exact: str | None, minhash: bool, threshold: float, num_perm: int, ngram: int,
-          shingle: str, field: str, semantic: bool, eps: float, model: str, as_json: bool) -> None:
+          shingle: str, field: str, short_words: int | None, short_ngram: int | None, short_threshold: float | None,
+          short_edits: int | None, semantic: bool, eps: float, model: str, as_json: bool) -> None:
     """Exact, MinHash and semantic dedup of IN into OUT_DIR."""
     from curate.curation.exact import ExactDedup
     from curate.curation.minhash import MinHashDedup
@@ -115,8 +123,13 @@ def dedup(input_path: str, output: str, exact: str | None, minhash: bool, thresh
     if exact or not (minhash or semantic):
         steps.append(("exact_dedup", ExactDedup(level=exact or "pair")))
     if minhash:
+        short: dict[str, Any] = {k: v for k, v in (("short_words", short_words), ("short_ngram", short_ngram),
+                                                   ("short_threshold", short_threshold), ("short_edits", short_edits))
+                                 if v is not None}
+        if short.get("short_edits") == -1:
+            short["short_edits"] = None
         steps.append(("minhash_dedup", MinHashDedup(field=field, shingle=shingle, ngram=ngram, num_perm=num_perm,
-                                                    threshold=threshold)))
+                                                    threshold=threshold, **short)))
     if semantic:
         steps.append(("semantic_dedup", SemanticDedup(field=field, eps=eps, model=model)))
     _emit(run_steps(_read_table(input_path), steps, output, command="dedup"), as_json)

@@ -25,7 +25,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -266,6 +266,10 @@ class Decontam:
         index_path: folder of a saved n-gram index; built and saved there when absent.
     """
 
+    path_params: ClassVar[tuple[str, ...]] = ("targets", "index_path")
+    path_or_name_params: ClassVar[tuple[str, ...]] = ("model",)
+    # an existing index is read (an input, keyed by its content); an absent one is built and saved there
+    reused_params: ClassVar[tuple[str, ...]] = ("index_path",)
     targets: tuple[str, ...] | list[str] | None = None
     ngram: int = 13
     min_tokens: int = 5

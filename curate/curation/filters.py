@@ -14,16 +14,17 @@ the order of :data:`RULES`; the reason starts with the rule name.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import polars as pl
 
 from curate.curation._common import word_tokens
-from curate.errors import param_error
+from curate.errors import SchemaError, param_error
 from curate.pipeline.registry import register_step
 from curate.pipeline.step import StepContext, step_params
 from curate.schema import texts
@@ -65,8 +66,13 @@ class HeuristicFilter:
         min_prompt_chars: prompt shorter than this is ``too_short`` (default 3).
         min_response_chars: response shorter than this is ``too_short`` (default 1).
         max_chars: prompt+response longer than this is ``too_long`` (default 100000).
-        tokenizer: local path/name of a transformers tokenizer for token limits (default None).
-        min_tokens / max_tokens: response token bounds when a tokenizer is given.
+        min_tokens / max_tokens: bounds on the row's token count (prompt + response after the chat
+            template; ``too_few_tokens`` / ``too_many_tokens``).
+        min_response_tokens / max_response_tokens: bounds on the response's token count.
+        tokenizer: where token counts come from when the table has no counted columns (the
+            ``count_tokens`` step's ``n_tokens`` / ``n_response_tokens``, which win): a tokenizer folder,
+            a cached Hub id or ``default`` (the packaged SmolLM2 tokenizer). A token bound with neither
+            is an error when the step runs.
         min_length_ratio / max_length_ratio: bounds on response chars / prompt chars (default off).
         check_fences: odd number of ``` fences in the response is ``unbalanced_fence`` (default True).
         truncation_chars: a response at least this long that ends mid-sentence is ``truncated``
@@ -83,9 +89,12 @@ class HeuristicFilter:
     min_prompt_chars: int | None = 3
     min_response_chars: int | None = 1
     max_chars: int | None = 100_000
+    path_or_name_params: ClassVar[tuple[str, ...]] = ("tokenizer",)
     tokenizer: str | None = None
     min_tokens: int | None = None
     max_tokens: int | None = None
+    min_response_tokens: int | None = None
+    max_response_tokens: int | None = None
     min_length_ratio: float | None = None
     max_length_ratio: float | None = None
     check_fences: bool = True
@@ -101,7 +110,7 @@ class HeuristicFilter:
         owner = "HeuristicFilter"
         if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 1:
             raise param_error(owner, "shard_size", "an integer >= 1", self.shard_size)
-        for name in ("min_prompt_chars", "min_response_chars", "max_chars", "min_tokens", "max_tokens", "truncation_chars"):
+        for name in ("min_prompt_chars", "min_response_chars", "max_chars", *_TOKEN_BOUNDS, "truncation_chars"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise param_error(owner, name, "an integer >= 0 or null", v)
@@ -115,23 +124,19 @@ class HeuristicFilter:
                 raise param_error(owner, name, "in [0, 1] or null", v)
         if isinstance(self.repeat_ngram, bool) or not isinstance(self.repeat_ngram, int) or self.repeat_ngram < 1:
             raise param_error(owner, "repeat_ngram", "an integer >= 1", self.repeat_ngram)
-        if (self.min_tokens is not None or self.max_tokens is not None) and not self.tokenizer:
-            raise param_error(owner, "tokenizer", "given when min_tokens or max_tokens is set", self.tokenizer)
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer.strip()):
+            raise param_error(owner, "tokenizer", "a tokenizer folder, a cached Hub id, 'default' or null", self.tokenizer)
         phrases = [self.refusal_phrases] if isinstance(self.refusal_phrases, str) else list(self.refusal_phrases)
         if any(not isinstance(p, str) or not p.strip() for p in phrases):
             raise param_error(owner, "refusal_phrases", "a list of non-empty strings", self.refusal_phrases)
         object.__setattr__(self, "refusal_phrases", tuple(p.lower() for p in phrases))
 
-    def _tokenizer(self) -> Any:
-        if not self.tokenizer:
-            return None
-        from curate._lazy import require
-
-        transformers = require("transformers", "token-length filters")
-        return transformers.AutoTokenizer.from_pretrained(self.tokenizer, local_files_only=True)
+    def bounds_tokens(self) -> bool:
+        """Whether any token bound is set (the step then needs counts)."""
+        return any(getattr(self, b) is not None for b in _TOKEN_BOUNDS)
 
     def check(self, prompt: str, response: str, turns: list[str], chosen: str | None, rejected: str | None,
-              n_tokens: int | None) -> str:
+              n_tokens: int | None, n_response_tokens: int | None = None) -> str:
         """The first failing rule's reason for one row, or "" if it passes."""
         if any(not t.strip() for t in turns):
             return "empty_turn: a turn is empty or whitespace-only"
@@ -143,10 +148,12 @@ class HeuristicFilter:
             return f"too_short: response has {len(response.strip())} chars (< {self.min_response_chars})"
         if self.max_chars is not None and len(prompt) + len(response) > self.max_chars:
             return f"too_long: {len(prompt) + len(response)} chars (> {self.max_chars})"
-        if n_tokens is not None and self.min_tokens is not None and n_tokens < self.min_tokens:
-            return f"too_few_tokens: response has {n_tokens} tokens (< {self.min_tokens})"
-        if n_tokens is not None and self.max_tokens is not None and n_tokens > self.max_tokens:
-            return f"too_many_tokens: response has {n_tokens} tokens (> {self.max_tokens})"
+        for what, count, lo, hi in (("row", n_tokens, self.min_tokens, self.max_tokens),
+                                     ("response", n_response_tokens, self.min_response_tokens, self.max_response_tokens)):
+            if count is not None and lo is not None and count < lo:
+                return f"too_few_tokens: {what} has {count} tokens (< {lo})"
+            if count is not None and hi is not None and count > hi:
+                return f"too_many_tokens: {what} has {count} tokens (> {hi})"
         if prompt.strip() and (self.min_length_ratio is not None or self.max_length_ratio is not None):
             ratio = len(response) / len(prompt)
             if self.min_length_ratio is not None and ratio < self.min_length_ratio:
@@ -178,6 +185,9 @@ class HeuristicFilter:
         """Filter ``table`` shard by shard through ``ctx.map_shards`` (local or Ray; per-row rules, so
         any sharding gives the same rows)."""
         params = {"work": "filter", "v": 1, **{k: v for k, v in step_params(self).items() if k != "shard_size"}}
+        if self.bounds_tokens():  # counts travel with the shards: the counted columns, else the tokenizer's
+            table = with_token_counts(table, self)
+            params["counts"] = "columns"
         parts = ctx.map_shards(filter_shard, table, params=params, shard_size=self.shard_size,
                                payload=functools.partial(_filter_payload, rules=self), desc="filter")
         if not parts:
@@ -186,10 +196,41 @@ class HeuristicFilter:
 
 
 _FILTER_COLUMNS = ("uid", "kind", "messages", "prompt", "chosen", "rejected")
+_TOKEN_BOUNDS = ("min_tokens", "max_tokens", "min_response_tokens", "max_response_tokens")
+_COUNTS = ("__filter_n_tokens", "__filter_n_response_tokens")
+
+
+def with_token_counts(table: pl.DataFrame, rules: HeuristicFilter) -> pl.DataFrame:
+    """``table`` plus the token counts the bounds read (columns :data:`_COUNTS`): the counted
+    columns of a ``count_tokens`` step when present, else counts made with ``rules.tokenizer``.
+
+    Raises:
+        ParameterError: token bounds are set, the table has no counts and no tokenizer is given.
+    """
+    if all(c in table.columns for c in _COUNTS):
+        return table
+    from curate.curation.tokens import resolve_column
+
+    found = {}
+    for name in ("n_tokens", "n_response_tokens"):
+        with contextlib.suppress(SchemaError):
+            found[name] = resolve_column(table, name)
+    if len(found) < 2:
+        if not rules.tokenizer:
+            raise param_error("HeuristicFilter", "tokenizer", "given ('default' = the packaged SmolLM2 tokenizer) "
+                              "when token bounds are set and no count_tokens step ran before the filter", None)
+        from curate.curation.tokens import count_table
+
+        counts, _ = count_table(table, None if rules.tokenizer == "default" else rules.tokenizer)
+        table = table.join(counts.select("uid", "n_tokens", "n_response_tokens").rename(
+            {"n_tokens": _COUNTS[0], "n_response_tokens": _COUNTS[1]}), on="uid", how="left", maintain_order="left")
+        return table
+    return table.with_columns(pl.col(found["n_tokens"]).alias(_COUNTS[0]),
+                              pl.col(found["n_response_tokens"]).alias(_COUNTS[1]))
 
 
 def _filter_payload(shard: pl.DataFrame, *, rules: HeuristicFilter) -> tuple[pl.DataFrame, HeuristicFilter]:
-    return shard.select(_FILTER_COLUMNS), rules
+    return shard.select([c for c in (*_FILTER_COLUMNS, *_COUNTS) if c in shard.columns]), rules
 
 
 def filter_shard(payload: tuple[pl.DataFrame, HeuristicFilter]) -> pl.DataFrame:
@@ -207,11 +248,12 @@ def filter_table(table: pl.DataFrame, rules: HeuristicFilter | None = None, **pa
     rules = rules or HeuristicFilter(**params)
     prompts, responses = texts(table, "prompt"), texts(table, "response")
     rejected = texts(table, "rejected")
-    tok = rules._tokenizer()
-    n_tokens: list[int | None] = (
-        [len(ids) for ids in tok(responses, add_special_tokens=False)["input_ids"]] if tok is not None
-        else [None] * table.height
-    )
+    if rules.bounds_tokens():
+        table = with_token_counts(table, rules)
+        n_tokens = table[_COUNTS[0]].to_list()
+        n_resp = table[_COUNTS[1]].to_list()
+    else:
+        n_tokens = n_resp = [None] * table.height
     reasons = []
     cols = table.select("kind", "messages", "prompt", "chosen", "rejected").iter_rows(named=True)
     for i, row in enumerate(cols):
@@ -221,7 +263,7 @@ def filter_table(table: pl.DataFrame, rules: HeuristicFilter | None = None, **pa
         else:
             turns = [m["content"] for m in row["messages"] or []]
             chosen = rej = None
-        reasons.append(rules.check(prompts[i], responses[i], turns, chosen, rej, n_tokens[i]))
+        reasons.append(rules.check(prompts[i], responses[i], turns, chosen, rej, n_tokens[i], n_resp[i]))
     return pl.DataFrame({
         "uid": table["uid"], "keep": [r == "" for r in reasons], "reason": reasons,
         "rule": [r.split(":", 1)[0] if r else None for r in reasons],

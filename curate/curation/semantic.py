@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import polars as pl
@@ -166,6 +166,7 @@ class SemanticDedup:
 
     field: str = "prompt+response"
     eps: float = 0.05
+    path_or_name_params: ClassVar[tuple[str, ...]] = ("model",)
     model: str = "default"
     feature: str | None = None
     batch_size: int = 64

@@ -74,22 +74,34 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
               help="Tokens kept per text, from the start ('lm' models only).")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "openvino"]), default="auto", show_default=True,
+              help="Inference back-end of sentence-transformer models: 'auto' = torch (the fast exact path on the "
+                   "CPUs measured); 'onnx' / 'openvino' (CPU) export the model once into the curate cache and need "
+                   "the extra of that name.")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="'int8': per-channel dynamic int8 weights (onnx/openvino only; faster, not exact: see "
+                   "benchmarks/RESULTS.md for cosine to fp32 and recall@10).")
 @json_option
 def embed(input_path: str, output: str, model: str, field_: str, pooling: str, max_length: int, batch_size: int,
-          device: str, as_json: bool) -> None:
+          device: str, backend: str, quantize: str, as_json: bool) -> None:
     """Embed every row of IN.parquet into FEAT_DIR (cached per uid, model and field on rerun)."""
-    from curate.features.embed import check_lm_options, embed_table
+    from curate.features.embed import check_backend, check_lm_options, embed_table
+    from curate.features.embed_backends import require_backend
 
     check_lm_options("embed", model, pooling, max_length)  # before reading anything
+    backend, quantize = check_backend("embed", model, device, backend, quantize)
+    require_backend(backend, quantize)
     table = _read_table(input_path)
     field = EMBED_FIELDS[field_]
     _check_field_kind(table, field, input_path)
     store = _store_arg(output)
-    fs = embed_table(table, field, model=model, store=store, batch_size=batch_size, device=device, pooling=pooling,
-                     max_length=max_length)
+    fs = embed_table(table, field, model=model, store=store, batch_size=batch_size,
+                     device="cpu" if backend != "torch" else device, pooling=pooling, max_length=max_length,
+                     backend=backend, quantize=quantize)
     summary = {"command": "embed", "output": output, "feature": fs.name, "rows": len(fs), "dim": fs.dim,
                "model": fs.meta["model"], "field": field, "n_computed": fs.meta["n_computed"],
-               "cached": fs.meta["n_computed"] == 0, "device": fs.meta["device"]}
+               "cached": fs.meta["n_computed"] == 0, "device": fs.meta["device"], "backend": backend,
+               "quantize": quantize}
     summary.update({k: fs.meta[k] for k in ("pooling", "max_length") if k in fs.meta})
     _emit(as_json, summary, [f"{fs.name}: {len(fs)} rows x {fs.dim} ({fs.meta['n_computed']} computed, "
                              f"{len(fs) - fs.meta['n_computed']} cached) -> {output}"])
@@ -115,6 +127,10 @@ def _params_arg(value: str) -> str:
               help="Warm-up checkpoint folder, or a `curate warmup` output folder (all its epochs). Repeatable.")
 @click.option("--params", default="lora", show_default=True, help="lora | mlp | mlp:LAST_K | name globs.")
 @click.option("--proj-dim", default=512, show_default=True, type=int, help="Projection dimension d (0: none).")
+@click.option("--projection", type=click.Choice(["dense", "factored"]), default="dense", show_default=True,
+              help="'dense': Rademacher sketch of the whole gradient (LESS/TRAK); 'factored': per-layer "
+                   "P_out ⊗ P_in on layer inputs and output gradients (LoGra), never forming per-example "
+                   "gradients; --proj-dim is then the total budget (the realised width is reported).")
 @click.option("--adam", is_flag=True, help="LESS Adam-preconditioned features (needs --checkpoint).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--max-length", default=512, show_default=True, type=int)
@@ -122,7 +138,8 @@ def _params_arg(value: str) -> str:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @json_option
 def gradients(input_path: str, output: str, model: str, checkpoints: tuple[str, ...], params: str, proj_dim: int,
-              adam: bool, seed: int, max_length: int, batch_size: int, device: str, as_json: bool) -> None:
+              projection: str, adam: bool, seed: int, max_length: int, batch_size: int, device: str,
+              as_json: bool) -> None:
     """Per-example gradient features (LESS) of every row of IN.parquet into FEAT_DIR (grad/sgd or grad/adam)."""
     from curate.features.gradients import GradFeaturesStep
     from curate.features.lm import resolve_model_path
@@ -133,8 +150,10 @@ def gradients(input_path: str, output: str, model: str, checkpoints: tuple[str, 
         resolve_model_path(model)  # FileNotFoundError naming the folder
     if proj_dim < 0:
         raise param_error("gradients", "proj-dim", "an integer >= 0 (0: no projection)", proj_dim)
+    if projection == "factored" and proj_dim == 0:
+        raise param_error("gradients", "proj-dim", "an integer >= 1 with --projection factored", proj_dim)
     step = GradFeaturesStep(model=model, checkpoints=tuple(checkpoints), params=_params_arg(params),
-                            proj_dim=proj_dim or None, variant="adam" if adam else "sgd", seed=seed,
+                            proj_dim=proj_dim or None, projection=projection, variant="adam" if adam else "sgd", seed=seed,
                             max_length=max_length, batch_size=batch_size, device=device, targets=False)
     store = _store_arg(output)
     ctx = StepContext(seed=seed, features=store, device=device)
@@ -143,7 +162,9 @@ def gradients(input_path: str, output: str, model: str, checkpoints: tuple[str, 
     reasons = {r: int(n) for r, n in out.filter(pl.col("reason") != "")["reason"].value_counts().rows()}
     summary = {"command": "gradients", "output": output, "feature": fs.name, "rows": len(fs),
                "shape": list(fs.values.shape), "variant": step.variant, "params": step.params,
-               "n_params": fs.meta.get("n_params"), "proj_dim": proj_dim or None, "seed": seed,
+               "n_params": fs.meta.get("n_params"),
+               "proj_dim": fs.meta.get("proj_dim") if projection == "factored" else (proj_dim or None),
+               "projection": projection, "seed": seed,
                "checkpoints": fs.meta.get("checkpoints", []), "lr_weights": fs.meta.get("lr_weights"),
                "layout_hash": fs.meta.get("layout_hash"), "projector_id": fs.meta.get("projector_id"),
                "reasons": reasons}
@@ -222,10 +243,14 @@ def whiten(feat_dir: str, target_dir: str, output: str, ridge: float, pool_name:
            output_name: str | None, as_json: bool) -> None:
     """TAROT whitening: jointly whiten FEAT_DIR and TARGET_FEAT_DIR features into OUT_DIR."""
     from curate.features.whiten import whiten_sets
+    from curate.io.paths import check_name
     from curate.io.store import cache_key
 
     if not ridge >= 0:
         raise param_error("whiten", "ridge", "a finite number >= 0", ridge)
+    for option, value in (("--name", pool_name), ("--target-name", target_name), ("--output-name", output_name)):
+        if value is not None:  # these become folder names in a feature store: refuse '..', '/x' before any work
+            check_name("curate whiten", option, value, nested=True)
     pool = _one_set(feat_dir, pool_name, "--name", label="FEAT_DIR")
     target = _one_set(target_dir, target_name, "--target-name", label="--target", target=True, pool_name=pool.name)
     name = output_name or ("grad/whitened" if pool.name.startswith("grad/") else f"{pool.name}/whitened")

@@ -32,7 +32,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -41,6 +41,7 @@ from curate._lazy import require
 from curate.errors import ParameterError, SchemaError, param_error
 from curate.features.embedders import DEVICES, Embedder, _fingerprint, _resolve_device
 from curate.features.store import FeatureSet, FeatureStore, cache_key
+from curate.features.text_cache import encode_cached
 from curate.pipeline.registry import register_step
 from curate.schema import TEXT_FIELDS, texts
 
@@ -90,7 +91,10 @@ class SentenceTransformerEmbedder(Embedder):
     Models whose first module has a Hugging Face tokenizer are tokenised once (truncated to the
     model's ``max_seq_length``, exactly as ``encode`` does) and padded per batch; any other
     sentence-transformers model falls back to ``model.encode`` on our length-sorted batches.
+    Its vectors go through the content cache of :mod:`curate.features.text_cache`.
     """
+
+    content_cache = True
 
     def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", label: str | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -176,7 +180,8 @@ def check_lm_options(owner: str, model: Any, pooling: Any, max_length: Any) -> N
 
 
 def get_embedder(
-    model: str = DEFAULT_MODEL, *, device: str = "auto", pooling: str = "weighted_mean", max_length: int = 512
+    model: str = DEFAULT_MODEL, *, device: str = "auto", pooling: str = "weighted_mean", max_length: int = 512,
+    backend: str = "auto", quantize: str | None = None,
 ) -> Embedder:
     """The embedder named ``model`` (cached per process).
 
@@ -189,11 +194,16 @@ def get_embedder(
         device: ``"auto"`` (CUDA when present, fp16 there; bf16 for ``lm``), ``"cpu"`` or ``"cuda"``.
         pooling: ``lm`` only: ``"weighted_mean"`` (default), ``"mean"`` or ``"last"``.
         max_length: ``lm`` only: tokens kept per text, from the start (default 512).
+        backend: sentence-transformer models only: ``auto`` (= ``torch``), ``torch``, ``onnx`` (ONNX
+            Runtime) or ``openvino``, CPU (:mod:`curate.features.embed_backends`).
+        quantize: ``None``/``"none"`` or ``"int8"`` (per-channel dynamic int8; onnx/openvino only).
 
     Raises:
         FileNotFoundError: the model folder does not exist.
         ParameterError: bad device, hashing dimension, pooling or max_length (or pooling /
-            max_length changed for a model that is not ``lm``).
+            max_length changed for a model that is not ``lm``), an unknown back-end, or a back-end
+            other than torch for a model that is not a sentence-transformer or on CUDA.
+        MissingDependencyError: the back-end's extra (``onnx`` / ``openvino``) is not installed.
     """
     if not isinstance(model, str) or not model:
         raise param_error("get_embedder", "model", "'default', 'hashing[:dim]', 'lm[:folder]' or a model folder",
@@ -201,11 +211,32 @@ def get_embedder(
     if device not in DEVICES:
         raise param_error("get_embedder", "device", f"one of {DEVICES}", device)
     check_lm_options("get_embedder", model, pooling, max_length)
-    return _get_embedder(model, device, pooling, max_length)
+    backend, quant = check_backend("get_embedder", model, device, backend, quantize)
+    return _get_embedder(model, device, pooling, max_length, backend, quant)
+
+
+def check_backend(owner: str, model: Any, device: str, backend: Any, quantize: Any) -> tuple[str, str]:
+    """Validate ``backend`` / ``quantize`` for ``model`` (see :func:`get_embedder`); ``(backend, quantize)``
+    with ``auto`` resolved to ``torch`` and ``None`` to ``"none"``."""
+    from curate.features.embed_backends import resolve_backend
+
+    resolved, quant = resolve_backend(owner, backend, quantize)
+    if resolved != "torch":
+        if isinstance(model, Embedder) or is_lm_model(model) or (isinstance(model, str) and model.startswith("hashing")):
+            raise param_error(owner, "backend", "'auto' or 'torch' unless the model is a sentence-transformer "
+                              "('default' or a folder)", backend)
+        if device == "cuda":
+            raise param_error(owner, "backend", "'auto' or 'torch' on CUDA (onnx and openvino run on the CPU)", backend)
+    return resolved, quant
 
 
 @functools.lru_cache(maxsize=4)
-def _get_embedder(model: str, device: str, pooling: str, max_length: int) -> Embedder:
+def _get_embedder(model: str, device: str, pooling: str, max_length: int, backend: str = "torch",
+                  quantize: str = "none") -> Embedder:
+    if backend != "torch":
+        from curate.features.embed_backends import ExportedEmbedder
+
+        return ExportedEmbedder(_get_embedder(model, "cpu", pooling, max_length), backend, quantize)
     if is_lm_model(model):
         from curate.features.hidden import CausalLMEmbedder
 
@@ -227,11 +258,13 @@ def _get_embedder(model: str, device: str, pooling: str, max_length: int) -> Emb
 
 
 def _embedder(model: str | Embedder, device: str, pooling: str = "weighted_mean", max_length: int = 512,
-              owner: str = "embed_texts") -> Embedder:
+              owner: str = "embed_texts", backend: str = "auto", quantize: str | None = None) -> Embedder:
     if isinstance(model, Embedder):
         check_lm_options(owner, model, pooling, max_length)
+        check_backend(owner, model, device, backend, quantize)
         return model
-    return get_embedder(model, device=device, pooling=pooling, max_length=max_length)
+    return get_embedder(model, device=device, pooling=pooling, max_length=max_length, backend=backend,
+                        quantize=quantize)
 
 
 # ---------------------------------------------------------------------------------- functions
@@ -244,8 +277,13 @@ def embed_texts(
     progress: bool = False,
     pooling: str = "weighted_mean",
     max_length: int = 512,
+    backend: str = "auto",
+    quantize: str | None = None,
 ) -> np.ndarray:
     """Embed ``texts``: float32 (n, d), L2-normalised, in input order.
+
+    Texts embedded before by the same model configuration (in any step, run or process) are
+    read from the content cache (:mod:`curate.features.text_cache`) instead of being recomputed.
 
     Args:
         texts: the strings.
@@ -255,9 +293,10 @@ def embed_texts(
         progress: show a progress bar over batches.
         pooling: ``lm`` models only (see :func:`get_embedder`).
         max_length: ``lm`` models only (see :func:`get_embedder`).
+        backend, quantize: sentence-transformer inference back-end (see :func:`get_embedder`).
     """
-    emb = _embedder(model, device, pooling, max_length, "embed_texts")
-    return emb.encode(list(texts), batch_size=batch_size, progress=progress)
+    emb = _embedder(model, device, pooling, max_length, "embed_texts", backend, quantize)
+    return encode_cached(emb, list(texts), batch_size=batch_size, progress=progress)[0]
 
 
 def embed_table(
@@ -271,6 +310,8 @@ def embed_table(
     progress: bool = False,
     pooling: str = "weighted_mean",
     max_length: int = 512,
+    backend: str = "auto",
+    quantize: str | None = None,
 ) -> FeatureSet:
     """Embeddings of ``texts(table, field)`` as a :class:`FeatureSet` named ``embed/<field>``
     (sentence-transformer and hashing models) or ``hidden/<field>`` (causal LMs, ``model="lm"``
@@ -280,7 +321,10 @@ def embed_table(
     model, compute dtype and (causal LMs) pooling and max_length are reused and only the others
     are embedded; the stored set becomes the union (so embedding a subset later costs nothing).
     The returned set has exactly the table's uids in table order, with ``meta["cache_key"]`` over
-    those uids and the parameters. ``pooling`` / ``max_length``: see :func:`get_embedder`.
+    those uids and the parameters. ``pooling`` / ``max_length`` / ``backend`` / ``quantize``: see
+    :func:`get_embedder` (a back-end other than torch is part of the model id, hence of the key).
+    Rows not in the store come from the content cache when their text was embedded before
+    (``meta["n_computed"]`` counts only rows really run through the model).
 
     Raises:
         SchemaError: unknown field or a table without ``uid``.
@@ -290,7 +334,7 @@ def embed_table(
         raise param_error("embed_table", "field", f"one of {TEXT_FIELDS}", field)
     if "uid" not in table.columns:
         raise SchemaError("table lacks a column.", field="uid", expected="str uids", found="no such column")
-    emb = _embedder(model, device, pooling, max_length, "embed_table")
+    emb = _embedder(model, device, pooling, max_length, "embed_table", backend, quantize)
     name = f"{emb.feature_prefix}/{field}"
     uids = table["uid"].to_list()
     params = {"model": emb.model_id, "field": field, "dtype": emb.dtype, **emb.cache_params()}
@@ -307,10 +351,11 @@ def embed_table(
             todo = np.flatnonzero(~hit)
         else:
             old = None
+    n_computed = 0
     if len(todo):
         sub = table[todo.tolist()] if len(todo) < len(uids) else table
-        vectors[todo] = emb.encode(texts(sub, field), batch_size=batch_size, progress=progress)
-    meta = {**params, "dim": emb.dim, "device": emb.device, "normalised": True, "n_computed": int(len(todo)),
+        vectors[todo], n_computed = encode_cached(emb, texts(sub, field), batch_size=batch_size, progress=progress)
+    meta = {**params, "dim": emb.dim, "device": emb.device, "normalised": True, "n_computed": int(n_computed),
             "curate_version": _curate_version()}
     fs = FeatureSet(name, np.asarray(uids, dtype=object), vectors, {**meta, "cache_key": cache_key(uids, params)})
     if store is not None and (len(todo) or old is None):
@@ -355,15 +400,22 @@ class Embed:
             ``<embed|hidden>/<field>/targets``, the target role of TAROT / DEITA / RDS+ selectors.
         pooling: ``lm`` models only: ``weighted_mean`` (default), ``mean`` or ``last``.
         max_length: ``lm`` models only: tokens kept per text, from the start (default 512).
+        backend: sentence-transformer models only: ``auto`` (= ``torch``, the fast exact path on the
+            CPUs measured), ``torch``, ``onnx`` or ``openvino`` (exported once into the curate cache;
+            extras ``onnx`` / ``openvino``; benchmarks/RESULTS.md has their speed and quality).
+        quantize: ``null`` or ``int8`` (per-channel dynamic int8, onnx/openvino only).
     """
 
     field: str = "prompt+response"
+    path_or_name_params: ClassVar[tuple[str, ...]] = ("model",)
     model: str = DEFAULT_MODEL
     batch_size: int = 64
     device: str = "auto"
     targets: bool = True
     pooling: str = "weighted_mean"
     max_length: int = 512
+    backend: str = "auto"
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.field not in TEXT_FIELDS:
@@ -375,12 +427,18 @@ class Embed:
         if self.device not in DEVICES:
             raise param_error("Embed", "device", f"one of {DEVICES}", self.device)
         check_lm_options("Embed", self.model, self.pooling, self.max_length)
+        from curate.features.embed_backends import require_backend
+
+        require_backend(*check_backend("Embed", self.model, self.device, self.backend, self.quantize))
 
     def apply(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         device = ctx.device if self.device == "auto" and ctx.device in DEVICES else self.device
+        if self.backend not in ("auto", "torch"):
+            device = "cpu"  # exported back-ends run on the CPU whatever the run's device
         try:
             fs = embed_table(table, self.field, model=self.model, store=ctx.features, batch_size=self.batch_size,
-                             device=device, progress=ctx.progress, pooling=self.pooling, max_length=self.max_length)
+                             device=device, progress=ctx.progress, pooling=self.pooling, max_length=self.max_length,
+                             backend=self.backend, quantize=self.quantize)
         except ParameterError as exc:
             raise ParameterError(f"step 'embed': {exc}") from exc
         ctx.stats["embed"] = {"name": fs.name, "dim": fs.dim, "model": fs.meta["model"],
@@ -393,7 +451,7 @@ class Embed:
             if ctx.features.get(name, key=key) is None:
                 tfs = embed_table(ctx.targets, self.field, model=self.model, store=None, batch_size=self.batch_size,
                                   device=device, progress=ctx.progress, pooling=self.pooling,
-                                  max_length=self.max_length)
+                                  max_length=self.max_length, backend=self.backend, quantize=self.quantize)
                 ctx.features.put(FeatureSet(name, tfs.uids, np.asarray(tfs.values), {**tfs.meta, "cache_key": key}))
             ctx.stats["embed"]["targets"] = {"name": name, "n_rows": ctx.targets.height}
         return pl.DataFrame({"uid": table["uid"], "keep": [True] * table.height, "reason": [""] * table.height},

@@ -7,23 +7,17 @@ projected (TRAK's Rademacher sketch, see :mod:`curate.features.projection`), opt
 Adam-preconditioned with the warm-up checkpoint's optimizer moments, L2-normalised, and combined
 across checkpoints with learning-rate weights.
 
-Three interchangeable ways to get per-example gradients (they agree to float64 round-off, tested):
-``func`` (``torch.func`` grad + vmap), ``hooks`` (layer inputs × output gradients, Linear and GPT-2
-Conv1D only) and ``loop`` (batch size 1 autograd, the reference). Deviations: ``method="auto"``
-picks ``hooks`` whenever every selected tensor belongs to a Linear/Conv1D (LoRA and MLP presets) and
-``func`` otherwise, since hooks need no vmap support from the model; batches are right padded and
-run without an attention mask (with causal attention, trailing padding cannot affect real tokens),
-which makes each row's gradient independent of its batch. DPO objectives are not implemented yet.
+Per-example gradients come from :mod:`curate.features.per_example` (``func`` | ``hooks`` | ``loop``);
+the projection is either the dense Rademacher sketch (:class:`~curate.features.projection.Projector`)
+or the factored, per-layer Kronecker one (:class:`~curate.features.factored.FactoredProjector`, LoGra),
+which for SGD features never materialises a per-example gradient. DPO objectives are not
+implemented yet.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
-import json
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,299 +29,28 @@ import polars as pl
 from curate._lazy import require
 from curate.errors import SchemaError, param_error
 from curate.features.checkpoints import checkpoint_id, lr_weights, read_checkpoint, resolve_checkpoints
+from curate.features.factored import FactoredProjector, factored_features
 from curate.features.lm import Encoded
-from curate.features.lm_batches import LORA_TARGETS, block_index, collate, row_losses
+from curate.features.lm_batches import LORA_TARGETS
+from curate.features.per_example import (  # noqa: F401 - re-exported: the public names of this stage
+    METHODS,
+    MLP_NAMES,
+    REDUCTIONS,
+    Layout,
+    _EvalMode,
+    _model_device,
+    check_compatible,
+    hooks_supported,
+    per_example_grads,
+    select_parameters,
+)
 from curate.features.projection import Projector
 from curate.pipeline.registry import register_step
 from curate.validation import check_int
 
-METHODS = ("auto", "func", "hooks", "loop")
-REDUCTIONS = ("mean", "sum")
 VARIANTS = ("sgd", "adam")
 ADAM_FORMS = ("less_code", "paper")
-MLP_NAMES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "mlp.c_fc", "mlp.c_proj")
-
-
-# ================================================================================== layout
-@dataclass(frozen=True)
-class Layout:
-    """The ordered (name, shape) list of the tracked parameters plus a hash of the model config.
-
-    Attributes:
-        names: parameter names in ``named_parameters()`` order.
-        shapes: their shapes.
-        config_hash: SHA-256 of the model config (``to_json_string``), "" when there is none.
-    """
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    config_hash: str = ""
-
-    @property
-    def sizes(self) -> list[int]:
-        return [int(np.prod(s)) if s else 1 for s in self.shapes]
-
-    @property
-    def n_params(self) -> int:
-        return int(sum(self.sizes))
-
-    @property
-    def hash(self) -> str:
-        """The layout hash (SHA-256 of names, shapes and the config hash)."""
-        blob = json.dumps({"names": self.names, "shapes": self.shapes, "config": self.config_hash})
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _config_hash(model: Any) -> str:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return ""
-    try:
-        d = cfg.to_dict()
-    except Exception:  # noqa: BLE001 - any config object without to_dict
-        return ""
-    for k in ("_name_or_path", "transformers_version", "_commit_hash"):
-        d.pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def select_parameters(model: Any, params: str | Sequence[str] = "lora") -> Layout:
-    """The tracked parameter layout for a preset or a list of globs (docs/methods/gradient-features.md §3).
-
-    Presets: ``lora`` (peft ``lora_A``/``lora_B``), ``mlp`` (MLP projection weights),
-    ``last_blocks:k``, ``mlp_last_blocks:k``. A list (or comma-separated string) of ``fnmatch``
-    globs selects by name; embeddings and the output head are only selected when listed.
-
-    Raises:
-        ParameterError: unknown preset, bad k, or an empty selection.
-    """
-    named = [(n, p) for n, p in model.named_parameters()]
-    if isinstance(params, str) and (params in ("lora", "mlp") or params.startswith(("last_blocks:", "mlp_last_blocks:"))):
-        preset = params
-        if preset == "lora":
-            chosen = [n for n, _ in named if "lora_A" in n or "lora_B" in n]
-        else:
-            base, _, k = preset.partition(":")
-            blocks = sorted({b for n, _ in named if (b := block_index(n)) is not None})
-            if k:
-                if not k.isdigit() or int(k) < 1:
-                    raise param_error("grad_features", "params", "'last_blocks:k' with an integer k >= 1", params)
-                last = set(blocks[-int(k):])
-            else:
-                last = set(blocks)
-            in_blocks = [n for n, _ in named if block_index(n) in last]
-            if base in ("mlp", "mlp_last_blocks"):
-                chosen = [n for n in in_blocks if any(f"{m}." in n for m in MLP_NAMES) and n.endswith("weight")]
-            else:
-                chosen = in_blocks
-            chosen = [n for n in chosen if "lora_" not in n]
-    else:
-        globs = [g.strip() for g in (params.split(",") if isinstance(params, str) else params) if g.strip()]
-        if not globs:
-            raise param_error("grad_features", "params", "a preset or a non-empty list of name globs", params)
-        chosen = [n for n, _ in named if any(fnmatch.fnmatchcase(n, g) for g in globs)]
-    if not chosen:
-        raise param_error("grad_features", "params", "a selection matching at least one parameter of the model", params)
-    shapes = dict(named)
-    return Layout(tuple(chosen), tuple(tuple(shapes[n].shape) for n in chosen), _config_hash(model))
-
-
-def check_compatible(*metas: Mapping[str, Any]) -> None:
-    """Raise if feature metas differ in layout hash or projector id (the Quad defect,
-    docs/methods/gradient-features.md §3)."""
-    for key in ("layout_hash", "projector_id"):
-        seen = {m.get(key) for m in metas if m.get(key) is not None}
-        if len(seen) > 1:
-            raise SchemaError(f"feature sets were computed with different {key.replace('_', ' ')}s and cannot be "
-                              "combined.", field=key, expected="one value", found=sorted(seen))
-
-
-# ========================================================================== per-example loss
-def _logits(model: Any, ids: Any, attention_mask: Any = None) -> Any:
-    out = model(input_ids=ids, attention_mask=attention_mask, use_cache=False)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def _model_device(model: Any) -> Any:
-    return next(model.parameters()).device
-
-
-class _EvalMode:
-    def __init__(self, model: Any) -> None:
-        self.model, self.was = model, model.training
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.model.train(self.was)
-
-
-def _grads_loop(model: Any, layout: Layout, examples: Sequence[Any], reduction: str, pad: int) -> tuple[Any, Any]:
-    torch = require("torch", "gradient features")
-    params = dict(model.named_parameters())
-    sel = [params[n] for n in layout.names]
-    flags = [p.requires_grad for p in sel]
-    dev = _model_device(model)
-    rows, losses = [], []
-    try:
-        for p in sel:
-            p.requires_grad_(True)
-        for e in examples:
-            ids, labels = collate([e], pad)
-            loss = row_losses(_logits(model, ids.to(dev)), labels.to(dev), reduction)[0]
-            gs = torch.autograd.grad(loss, sel, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, sel, strict=True)]))
-            losses.append(loss.detach())
-    finally:
-        for p, f in zip(sel, flags, strict=True):
-            p.requires_grad_(f)
-    return torch.stack(rows), torch.stack(losses)
-
-
-def _grads_func(model: Any, layout: Layout, examples: Sequence[Any], reduction: str, pad: int,
-                chunk_size: int | None) -> tuple[Any, Any]:
-    torch = require("torch", "gradient features")
-    from torch.func import functional_call, grad, vmap
-
-    dev = _model_device(model)
-    ids, labels = collate(examples, pad)
-    ids, labels = ids.to(dev), labels.to(dev)
-    names = set(layout.names)
-    sel = {n: p.detach() for n, p in model.named_parameters() if n in names}
-    rest = {n: p.detach() for n, p in model.named_parameters() if n not in names}
-    rest.update({n: b.detach() for n, b in model.named_buffers()})
-
-    def loss_one(s: dict[str, Any], i: Any, lab: Any) -> tuple[Any, Any]:
-        out = functional_call(model, (s, rest), args=(), kwargs={"input_ids": i[None], "use_cache": False})
-        lg = out.logits if hasattr(out, "logits") else out
-        loss = row_losses(lg, lab[None], reduction)[0]
-        return loss, loss.detach()
-
-    g, losses = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0), chunk_size=chunk_size)(sel, ids, labels)
-    flat = torch.cat([g[n].reshape(len(examples), -1) for n in layout.names], dim=1)
-    return flat, losses
-
-
-def _hook_modules(model: Any, layout: Layout) -> list[tuple[str, Any, str, bool]]:
-    """(param name, module, 'weight'|'bias', is_conv1d) for every tracked tensor, or raise."""
-    torch = require("torch", "gradient features")
-    modules = dict(model.named_modules())
-    out = []
-    for n in layout.names:
-        mod_name, _, attr = n.rpartition(".")
-        mod = modules.get(mod_name)
-        conv1d = type(mod).__name__ == "Conv1D"
-        if attr not in ("weight", "bias") or not (isinstance(mod, torch.nn.Linear) or conv1d):
-            raise TypeError(f"parameter {n} does not belong to an nn.Linear or Conv1D; use method='func' or 'loop'.")
-        out.append((n, mod, attr, conv1d))
-    return out
-
-
-def hooks_supported(model: Any, layout: Layout) -> bool:
-    """Whether every tracked tensor is the weight or bias of a Linear / GPT-2 Conv1D."""
-    try:
-        _hook_modules(model, layout)
-    except TypeError:
-        return False
-    return True
-
-
-def _grads_hooks(model: Any, layout: Layout, examples: Sequence[Any], reduction: str, pad: int) -> tuple[Any, Any]:
-    torch = require("torch", "gradient features")
-    tracked = _hook_modules(model, layout)
-    mods = {id(m): m for _, m, _, _ in tracked}
-    store: dict[int, list[tuple[Any, Any]]] = {k: [] for k in mods}
-    handles = []
-
-    def make_hook(key: int) -> Any:
-        def hook(_mod: Any, inputs: Any, output: Any) -> None:
-            store[key].append((inputs[0].detach(), output))
-        return hook
-
-    params = dict(model.named_parameters())
-    flags = {n: p.requires_grad for n, p in params.items()}
-    dev = _model_device(model)
-    try:
-        for n, p in params.items():
-            p.requires_grad_(n in set(layout.names))
-        for key, m in mods.items():
-            handles.append(m.register_forward_hook(make_hook(key)))
-        ids, labels = collate(examples, pad)
-        losses = row_losses(_logits(model, ids.to(dev)), labels.to(dev), reduction)
-        outs = [o for key in mods for _, o in store[key]]
-        gouts = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-        for n, p in params.items():
-            p.requires_grad_(flags[n])
-    it = iter(gouts)
-    grads_of: dict[int, list[tuple[Any, Any]]] = {}
-    for key in mods:
-        grads_of[key] = [(a, next(it)) for a, _ in store[key]]
-    cols = []
-    b = len(examples)
-    for _n, mod, attr, conv1d in tracked:
-        acc = None
-        for a, g in grads_of[id(mod)]:
-            if g is None:
-                continue
-            a3 = a.reshape(b, -1, a.shape[-1])
-            g3 = g.reshape(b, -1, g.shape[-1])
-            if attr == "bias":
-                part = g3.sum(dim=1)
-            elif conv1d:
-                part = torch.einsum("bti,bto->bio", a3, g3)
-            else:
-                part = torch.einsum("bti,bto->boi", a3, g3)
-            acc = part if acc is None else acc + part
-        if acc is None:
-            acc = torch.zeros((b, *params[_n].shape), dtype=params[_n].dtype, device=dev)
-        cols.append(acc.reshape(b, -1))
-    return torch.cat(cols, dim=1), losses.detach()
-
-
-def per_example_grads(
-    model: Any,
-    layout: Layout,
-    examples: Sequence[Any],
-    *,
-    method: str = "auto",
-    loss_reduction: str = "mean",
-    pad_token_id: int = 0,
-    chunk_size: int | None = None,
-) -> tuple[Any, Any]:
-    """Per-example gradients of the response loss, flattened in layout order.
-
-    Args:
-        model: a causal LM (HF or any module returning logits from ``input_ids``), used in eval mode.
-        layout: from :func:`select_parameters`.
-        examples: :class:`~curate.features.lm.Encoded` rows (or dicts with input_ids, labels).
-        method: ``auto`` | ``func`` | ``hooks`` | ``loop`` (module docstring).
-        loss_reduction: ``mean`` (ℓ_mean, LESS) | ``sum`` (ℓ_sum, EK-FAC).
-        pad_token_id: id used for right padding (never attended to by real tokens).
-        chunk_size: vmap chunk size for ``func``.
-
-    Returns:
-        (G, losses): G of shape (B, P) in the model dtype and the (B,) losses.
-    """
-    if method not in METHODS:
-        raise param_error("per_example_grads", "method", f"one of {METHODS}", method)
-    if loss_reduction not in REDUCTIONS:
-        raise param_error("per_example_grads", "loss_reduction", f"one of {REDUCTIONS}", loss_reduction)
-    if method == "auto":
-        method = "hooks" if hooks_supported(model, layout) else "func"
-    with _EvalMode(model):
-        if method == "loop":
-            return _grads_loop(model, layout, examples, loss_reduction, pad_token_id)
-        if method == "hooks":
-            return _grads_hooks(model, layout, examples, loss_reduction, pad_token_id)
-        try:
-            return _grads_func(model, layout, examples, loss_reduction, pad_token_id, chunk_size)
-        except (RuntimeError, NotImplementedError) as exc:  # vmap-unsupported ops in the model
-            warnings.warn(f"vmap failed on this model ({exc}); falling back to the per-example loop.", stacklevel=2)
-            return _grads_loop(model, layout, examples, loss_reduction, pad_token_id)
+PROJECTIONS = ("dense", "factored")
 
 
 # ======================================================================== Adam preconditioning
@@ -428,7 +151,7 @@ def compute_grad_features(
     examples: Sequence[Encoded],
     *,
     layout: Layout,
-    projector: Projector,
+    projector: Projector | FactoredProjector,
     variant: str = "sgd",
     adam_state: tuple[Any, Any] | None = None,
     adam_form: str = "less_code",
@@ -444,6 +167,9 @@ def compute_grad_features(
     Rows are processed in batches of similar length (sorted, then restored to input order); each
     row's feature does not depend on the batch it is in. Rows without response tokens get zeros and
     reason ``no_response_tokens``; rows whose projected gradient is ~0 get ``zero_gradient``.
+    With a :class:`~curate.features.factored.FactoredProjector`, SGD features and method ``auto`` /
+    ``hooks``, layer inputs and output gradients are projected before their outer product and no
+    per-example gradient is formed; otherwise gradients are formed per batch, then projected.
     """
     torch = require("torch", "gradient features")
     if variant not in VARIANTS:
@@ -469,14 +195,22 @@ def compute_grad_features(
     live.sort(key=lambda i: (len(examples[i]["input_ids"]), i))
     if adam_state is not None:
         m, v = (t.to(dev, dtype=torch.float64 if dtype == torch.float64 else torch.float32) for t in adam_state)
+    fused = isinstance(projector, FactoredProjector) and variant == "sgd" and method in ("auto", "hooks")
     for s in range(0, len(live), batch_size):
         idx = live[s : s + batch_size]
-        g, loss = per_example_grads(model, layout, [examples[i] for i in idx], method=method,
-                                    loss_reduction=loss_reduction, pad_token_id=pad_token_id)
-        if variant == "adam":
-            g = adam_precondition(g.to(m.dtype), m, v, form=adam_form)
-        with torch.no_grad():
-            phi = projector.project(g.detach())
+        batch = [examples[i] for i in idx]
+        if fused:
+            with _EvalMode(model):
+                phi, loss = factored_features(model, layout, batch, projector, loss_reduction=loss_reduction,
+                                              pad_token_id=pad_token_id)
+            phi = phi.detach()
+        else:
+            g, loss = per_example_grads(model, layout, batch, method=method, loss_reduction=loss_reduction,
+                                        pad_token_id=pad_token_id)
+            if variant == "adam":
+                g = adam_precondition(g.to(m.dtype), m, v, form=adam_form)
+            with torch.no_grad():
+                phi = projector.project(g.detach())
         values[idx] = phi.cpu().numpy().astype(out_dtype)
         losses[idx] = loss.detach().double().cpu().numpy()
     raw = values.copy() if keep_unnormalized else None
@@ -521,12 +255,15 @@ class GradFeaturesStep:
     ``checkpoints`` lists checkpoint folders, warm-up output folders (``curate warmup -o DIR``: all
     its epochs) or ``from_step`` / ``from_step:<save_as>`` for the checkpoints of an earlier recipe
     step ``warmup`` (see :func:`resolve_checkpoints`); their recorded mean learning rates weight them
-    unless ``checkpoint_lrs`` is given.
+    unless ``checkpoint_lrs`` is given. ``projection``: ``dense`` (TRAK/LESS Rademacher sketch of the
+    whole gradient, ``proj_dim`` columns) or ``factored`` (LoGra per-layer P_out ⊗ P_in,
+    :mod:`curate.features.factored`; ``proj_dim`` is the total budget, the realised width is in the meta).
     Output columns: keep (always True), reason (``no_response_tokens`` / ``zero_gradient`` / ""),
     score (the row's response loss; -inf without response tokens).
     """
 
     name: ClassVar[str] = "grad_features"
+    path_or_name_params: ClassVar[tuple[str, ...]] = ("model", "checkpoints")  # also from_step[:name]
     model: str = "default"
     checkpoints: tuple[str, ...] = ()
     checkpoint_lrs: tuple[float, ...] | None = None
@@ -535,6 +272,7 @@ class GradFeaturesStep:
     variant: str = "sgd"
     adam_form: str = "less_code"
     proj_kind: str = "rademacher"
+    projection: str = "dense"
     seed: int | None = None
     max_length: int = 512
     batch_size: int = 8
@@ -568,13 +306,16 @@ class GradFeaturesStep:
         check_int(o, "seed", self.seed, 0, allow_none=True)
         for pname, value, choices in (
             ("variant", self.variant, VARIANTS), ("adam_form", self.adam_form, ADAM_FORMS),
-            ("proj_kind", self.proj_kind, ("rademacher", "gaussian")), ("loss_reduction", self.loss_reduction, REDUCTIONS),
+            ("proj_kind", self.proj_kind, ("rademacher", "gaussian")), ("projection", self.projection, PROJECTIONS),
+            ("loss_reduction", self.loss_reduction, REDUCTIONS),
             ("method", self.method, METHODS), ("field", self.field, ("auto", "chosen", "rejected")),
             ("train_on", self.train_on, ("all_assistant_turns", "last_assistant_turn")),
             ("dtype", self.dtype, ("float32", "float64")),
         ):
             if value not in choices:
                 raise param_error(o, pname, f"one of {choices}", value)
+        if self.projection == "factored" and self.proj_dim is None:
+            raise param_error(o, "proj_dim", "an integer >= 1 with projection 'factored'", self.proj_dim)
         if self.variant == "adam" and not self.checkpoints:
             raise param_error(o, "checkpoints", "at least one warm-up checkpoint with optimizer state when variant='adam'",
                               self.checkpoints)
@@ -587,7 +328,10 @@ class GradFeaturesStep:
     def _params(self, seed: int) -> dict[str, Any]:
         from curate.pipeline.step import step_params
 
-        return {**step_params(self), "seed": seed}
+        params = {**step_params(self), "seed": seed}
+        if params["projection"] == "dense":  # keys of dense features predate the option: keep them valid
+            del params["projection"]
+        return params
 
     def _models(self, seed: int, device: str, checkpoints: Sequence[Path]) -> list[tuple[Any, Any, float | None, Path | None]]:
         """(model, tokenizer, mean lr, optimizer file) per checkpoint (the base model when none)."""
@@ -630,8 +374,13 @@ class GradFeaturesStep:
         res = None
         for lm, tok, lr, opt in self._models(seed, device, ckpts):
             layout = select_parameters(lm, self.params)
-            proj = Projector(layout.n_params, self.proj_dim, seed=seed, kind=self.proj_kind, layout_hash=layout.hash,
-                             dtype="float64" if self.dtype == "float64" else "float32")
+            proj: Projector | FactoredProjector
+            if self.projection == "factored":
+                assert self.proj_dim is not None  # checked at construction
+                proj = FactoredProjector(lm, layout, self.proj_dim, seed=seed, kind=self.proj_kind)
+            else:
+                proj = Projector(layout.n_params, self.proj_dim, seed=seed, kind=self.proj_kind,
+                                 layout_hash=layout.hash, dtype="float64" if self.dtype == "float64" else "float32")
             kw = {"max_length": self.max_length, "field": self.field, "train_on": self.train_on}
             adam = None
             if self.variant == "adam":

@@ -102,7 +102,7 @@ class Projector:
 
     def describe(self) -> dict[str, Any]:
         """Projector metadata for feature ``meta``."""
-        return {"projector_id": self.id, "proj_seed": self.seed, "proj_kind": self.kind, "n_params": self.n_params,
+        return {"projector_id": self.id, "projection": "dense", "proj_seed": self.seed, "proj_kind": self.kind, "n_params": self.n_params,
                 "proj_dim": self.dim, "identity": self.identity, "tile": TILE}
 
     @property

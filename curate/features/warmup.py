@@ -385,6 +385,7 @@ class WarmupStep:
     """
 
     name: ClassVar[str] = "warmup"
+    path_or_name_params: ClassVar[tuple[str, ...]] = ("model",)
     model: str = "default"
     fraction: float = 0.05
     min_rows: int = 200

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import polars as pl
 
@@ -51,6 +52,8 @@ class InfluenceScoresStep:
         feature: name of the feature set written to ``ctx.features``.
     """
 
+    path_params: ClassVar[tuple[str, ...]] = ("factors",)
+    path_or_name_params: ClassVar[tuple[str, ...]] = ("model", "checkpoint")
     model: str = "default"
     checkpoint: str | None = None
     factors: str | None = None

@@ -13,12 +13,14 @@ import gzip
 import io
 import json
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from curate.errors import SchemaError
+from curate.schema import MAX_JSON_DEPTH
 
 DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".csv")
 RAW_LIMIT = 2000
@@ -94,18 +96,167 @@ def _decode_lines(path: Path, data: bytes, loaded: Loaded) -> list[tuple[int, st
     return out
 
 
+# ----------------------------------------------------------------------------- hostile values
+# Three kinds of JSON parse cleanly (or almost) yet break later stages: a lone UTF-16 surrogate
+# escape ("\ud800": no UTF-8 encoding, so no hash and no parquet string), nesting deep enough to
+# exhaust the interpreter's recursion limit, and integer literals longer than Python converts
+# (sys.get_int_max_str_digits(), 4,300 by default). Each is found per record and reported as a row
+# error naming its field, so one such line never aborts the read.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+class HugeInt:
+    """Stands in for an integer literal too long to convert, so the record can be rejected naming
+    the field instead of the whole parse failing."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
+
+
+def _parse_int(text: str) -> int | HugeInt:
+    try:
+        return int(text)
+    except ValueError:  # over the interpreter's digit limit
+        return HugeInt(len(text.lstrip("-")))
+
+
+def loads(text: str) -> Any:
+    """``json.loads``, except that an integer literal over the digit limit parses to a
+    :class:`HugeInt` (found later by :func:`value_problem`). Raises ``json.JSONDecodeError`` for
+    malformed text and ``RecursionError`` for runaway nesting."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # the digit limit; parse again keeping the long literal as a marker
+        return json.loads(text, parse_int=_parse_int)
+
+
+def value_problem(obj: Any) -> tuple[str | None, str, str, str] | None:
+    """The first hostile value in ``obj`` in document order, as ``(field path, message, expected,
+    found)``, or None. Iterative, so any depth is safe to inspect."""
+    stack: list[tuple[Any, str, int, str]] = [(obj, "", 0, "")]  # value, path, depth, top-level key
+    while stack:
+        value, path, depth, top = stack.pop()
+        if isinstance(value, str):
+            bad = _SURROGATE.search(value)
+            if bad:
+                return (path or None, "text holds a lone surrogate escape.", "valid Unicode text",
+                        f"U+{ord(bad.group()):04X} at character {bad.start()}")
+        elif isinstance(value, HugeInt):
+            return (path or None, "integer literal too long.", f"at most {sys.get_int_max_str_digits()} digits",
+                    f"{value.digits} digits")
+        elif isinstance(value, (Mapping, list)):
+            if depth >= MAX_JSON_DEPTH:
+                return (top or None, "value nested too deeply.",
+                        f"at most {MAX_JSON_DEPTH} levels of lists/objects", "deeper nesting")
+            if isinstance(value, Mapping):
+                children = []
+                for k, v in value.items():
+                    if isinstance(k, str) and _SURROGATE.search(k):
+                        return (path or None, "key holds a lone surrogate escape.", "valid Unicode text",
+                                ascii(k)[1:-1])
+                    children.append((v, f"{path}.{k}" if path else str(k), depth + 1, top or str(k)))
+            else:
+                children = [(v, f"{path}[{i}]", depth + 1, top) for i, v in enumerate(value)]
+            stack.extend(reversed(children))
+    return None
+
+
+def _string_end(text: str, i: int) -> int:
+    """Index just past the JSON string that starts with the quote at ``i``."""
+    n = len(text)
+    j = i + 1
+    while j < n and text[j] != '"':
+        j += 2 if text[j] == "\\" else 1
+    return j + 1
+
+
+def deep_field(text: str) -> str | None:
+    """The top-level key under which ``text`` (one JSON object) first nests deeper than
+    :data:`MAX_JSON_DEPTH`; None when it is not an object. Scans the text (no recursion)."""
+    depth, key, i, n = 0, None, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = _string_end(text, i)
+            k = _WS.match(text, j).end()
+            if depth == 1 and text[k:k + 1] == ":":
+                key = text[i + 1:j - 1]
+            i = j
+            continue
+        if c in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return ascii(key)[1:-1] if key is not None else None
+        elif c in "]}":
+            depth -= 1
+        i += 1
+    return None
+
+
+def _skip_value(text: str, i: int) -> int:
+    """Index just past the (nested) JSON array or object that starts at ``i``; -1 if unterminated."""
+    depth, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            i = _string_end(text, i)
+            continue
+        if c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return -1
+
+
+def _too_deep(path: Path, line: int, text: str) -> SchemaError:
+    return SchemaError("value nested too deeply.", file=str(path), line=line, field=deep_field(text),
+                       expected=f"at most {MAX_JSON_DEPTH} levels of lists/objects", found="deeper nesting")
+
+
+def _checked(path: Path, line: int, obj: Any, raw: str, loaded: Loaded) -> None:
+    """Add ``obj`` as an item, or as a row error when it holds a hostile value."""
+    problem = value_problem(obj)
+    if problem is None:
+        loaded.items.append(Item(line, obj, raw))
+        return
+    field_, message, expected, found = problem
+    err = SchemaError(message, file=str(path), line=line, field=field_, expected=expected, found=found)
+    loaded.errors.append((err, raw or _safe_raw(obj)))
+
+
+def _safe_raw(obj: Any) -> str:
+    try:
+        return json.dumps(obj, ensure_ascii=True, default=repr)[:RAW_LIMIT]
+    except (RecursionError, ValueError):
+        return "<not shown: nested too deeply>"
+
+
 def _parse_jsonl(path: Path, data: bytes, loaded: Loaded) -> None:
     for line, text in _decode_lines(path, data, loaded):
         if not text.strip():
             continue
         try:
-            obj = json.loads(text)
+            obj = loads(text)
         except json.JSONDecodeError as exc:
             err = SchemaError(f"malformed JSON ({exc.msg} at column {exc.colno}).", file=str(path), line=line,
                               expected="one complete JSON value per line", found=text[:60])
             loaded.errors.append((err, text[:RAW_LIMIT]))
             continue
-        loaded.items.append(Item(line, obj, text[:RAW_LIMIT]))
+        except RecursionError:
+            loaded.errors.append((_too_deep(path, line, text), text[:RAW_LIMIT]))
+            continue
+        _checked(path, line, obj, text[:RAW_LIMIT], loaded)
 
 
 _WRAPPER_KEYS = ("examples", "data", "instances", "rows", "records", "items")
@@ -117,7 +268,7 @@ def _parse_json(path: Path, data: bytes, loaded: Loaded) -> None:
     except UnicodeDecodeError as exc:
         raise _bad_utf8(path, data, exc) from None
     try:
-        doc = json.loads(text)
+        doc = loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON Lines under a .json name
             loaded.container = "jsonl"
@@ -125,13 +276,54 @@ def _parse_json(path: Path, data: bytes, loaded: Loaded) -> None:
             return
         raise SchemaError(f"malformed JSON ({exc.msg} at column {exc.colno}).", file=str(path), line=exc.lineno,
                           expected="a JSON array or object", found=text[max(0, exc.pos - 30):exc.pos + 30]) from None
+    except RecursionError:
+        if text.lstrip().startswith("["):  # one element nests too deeply: report it, keep the others
+            _parse_elements(path, text, loaded)
+            return
+        raise _too_deep(path, 1, text) from None
     if isinstance(doc, Mapping):
         lists = [k for k in _WRAPPER_KEYS if isinstance(doc.get(k), list)]
         doc = doc[lists[0]] if lists else [doc]
     if not isinstance(doc, list):
         raise SchemaError("unexpected JSON document.", file=str(path), line=1, expected="an array of records or an object",
                           found=f"{type(doc).__name__} {doc!r}")
-    loaded.items.extend(Item(i, obj, "") for i, obj in enumerate(doc, start=1))
+    for i, obj in enumerate(doc, start=1):
+        _checked(path, i, obj, "", loaded)
+
+
+def _parse_elements(path: Path, text: str, loaded: Loaded) -> None:
+    """A JSON array element by element (the slow path, taken only when the whole document does not
+    parse because one element nests too deeply): that element becomes a row error."""
+    decoder = json.JSONDecoder(parse_int=_parse_int)
+
+    def malformed(pos: int) -> SchemaError:
+        line = text.count("\n", 0, pos) + 1
+        return SchemaError("malformed JSON.", file=str(path), line=line, expected="a JSON array of records",
+                           found=ascii(text[max(0, pos - 30):pos + 30]))
+
+    pos = _WS.match(text, text.index("[") + 1).end()
+    if text[pos:pos + 1] == "]":
+        return
+    element = 0
+    while True:
+        element += 1
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+            _checked(path, element, obj, "", loaded)
+        except RecursionError:
+            end = _skip_value(text, pos)
+            if end < 0:
+                raise malformed(pos) from None
+            loaded.errors.append((_too_deep(path, element, text[pos:end]), "<not shown: nested too deeply>"))
+        except json.JSONDecodeError as exc:
+            raise malformed(exc.pos) from None
+        pos = _WS.match(text, end).end()
+        sep = text[pos:pos + 1]
+        if sep == "]":
+            return
+        if sep != ",":
+            raise malformed(pos)
+        pos = _WS.match(text, pos + 1).end()
 
 
 def _parse_parquet(path: Path, loaded: Loaded) -> None:
@@ -158,6 +350,9 @@ def _looks_like_header(row: list[str]) -> bool:
 
 
 def _parse_csv(path: Path, data: bytes, loaded: Loaded) -> None:
+    # the csv module refuses fields over 128 KiB by default; a long response is a valid field, and
+    # the whole file is already in memory, so no field can be larger than it
+    csv.field_size_limit(max(csv.field_size_limit(), min(len(data) + 1, 2**31 - 1)))
     lines = _decode_lines(path, data, loaded)
     text = "\n".join(t for _, t in lines)
     numbers = [n for n, _ in lines]  # physical line of each decoded line (bad lines removed)

@@ -10,8 +10,10 @@ raise :class:`~curate.errors.SchemaError` naming file:line, field, expected and 
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +73,10 @@ def expand_inputs(inputs: Sequence[str | Path] | str | Path) -> list[Path]:
             found = _folder(p)
         elif glob.has_magic(str(inp)):
             found = []
-            for m in sorted(glob.glob(str(inp), recursive=True)):
+            for m in _glob(str(inp)):
                 mp = Path(m)
                 found += _folder(mp) if mp.is_dir() else [mp] if mp.is_file() else []
+            found = _once(found)
         else:
             raise SchemaError("input not found.", file=str(inp), expected="an existing file, folder or glob",
                               found="nothing at that path")
@@ -84,10 +87,81 @@ def expand_inputs(inputs: Sequence[str | Path] | str | Path) -> list[Path]:
     return out
 
 
+def _walk(root: str) -> list[tuple[str, bool]]:
+    """``(path relative to root, is a folder)`` of everything under ``root`` except hidden names,
+    in sorted depth-first order. Symlinked folders are followed, but each real folder is entered
+    once, so a link loop neither hangs nor repeats files (``glob``'s ``**`` does both)."""
+    out: list[tuple[str, bool]] = []
+    seen = {os.path.realpath(root or ".")}
+    for top, dirs, files in os.walk(root or ".", followlinks=True):
+        rel = os.path.relpath(top, root or ".")
+        rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(top, d))
+            if d.startswith(".") or real in seen:
+                continue
+            seen.add(real)
+            keep.append(d)
+            out.append((rel + d, True))
+        dirs[:] = keep
+        out += [(rel + f, False) for f in sorted(files) if not f.startswith(".")]
+    return out
+
+
+def _once(paths: list[Path]) -> list[Path]:
+    """``paths`` without the repeats of a real file (two links to one file are read once)."""
+    seen: set[str] = set()
+    out = []
+    for p in paths:
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
+            out.append(p)
+    return out
+
+
 def _folder(folder: Path) -> list[Path]:
-    return sorted((f for f in folder.rglob("*") if f.is_file() and is_data_file(f)
-                   and not any(part.startswith(".") for part in f.relative_to(folder).parts)),
-                  key=lambda f: f.relative_to(folder).as_posix())
+    files = [(rel, folder / rel) for rel, is_dir in _walk(str(folder)) if not is_dir]
+    return _once([p for _, p in sorted(files) if p.is_file() and is_data_file(p)])
+
+
+def _matches(pattern: list[str], parts: list[str]) -> bool:
+    """Whether path components ``parts`` match glob components ``pattern`` (``**`` = any number of
+    components, other components by :func:`fnmatch.fnmatchcase`)."""
+
+    def close(states: set[int]) -> set[int]:  # "**" may also match no component
+        out, stack = set(states), list(states)
+        while stack:
+            i = stack.pop()
+            if i < len(pattern) and pattern[i] == "**" and i + 1 not in out:
+                out.add(i + 1)
+                stack.append(i + 1)
+        return out
+
+    states = close({0})
+    for comp in parts:
+        states = close({i if pattern[i] == "**" else i + 1 for i in states
+                        if i < len(pattern) and (pattern[i] == "**" or fnmatch.fnmatchcase(comp, pattern[i]))})
+        if not states:
+            return False
+    return len(pattern) in states
+
+
+def _glob(pattern: str) -> list[str]:
+    """Sorted matches of ``pattern``; ``**`` matches any number of folders, each real folder
+    visited once (see :func:`_walk`)."""
+    if "**" not in pattern:
+        return sorted(glob.glob(pattern))  # no recursion, so no loop to fall into
+    parts = pattern.split("/")
+    k = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = "/" if parts[:k] == [""] else "/".join(parts[:k])
+    rest = parts[k:]
+    found = []
+    for rel, _ in [("", True), *_walk(root)]:
+        if _matches(rest, rel.split("/") if rel else []):
+            found.append(os.path.join(root, rel) if root else rel)
+    return sorted(found)
 
 
 def _check_args(format: str, kind: str | None, on_error: str) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 
 from curate.errors import MissingFeatureError, SchemaError
+from curate.io.paths import check_name, content_params
 from curate.io.writers import atomic_dir
 
 
@@ -55,6 +56,16 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return len(self.uids)
+
+    def _repr_html_(self) -> str:
+        """Compact notebook summary: name, rows × dimensions, dtype and the main metadata."""
+        from curate.io import notebook as nb
+
+        shown = {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool)) and k != "uids"}
+        return nb.box(f"FeatureSet · {self.name}", [
+            f"<b>{len(self)}</b> rows × {nb.esc(self.dim)} ({nb.esc(self.values.dtype)})",
+            nb.table(["meta", "value"], [(k, str(v)[:80]) for k, v in list(shown.items())[:10]]) if shown else "",
+        ])
 
     @property
     def dim(self) -> int:
@@ -104,22 +115,32 @@ class FeatureSet:
 
 
 def cache_key(uids: Iterable[str], params: Mapping[str, Any]) -> str:
-    """Hash of the inputs' uids and the parameters (model, revision, field, dim, seed, ...)."""
+    """Hash of the inputs' uids and the parameters (model, revision, field, dim, seed, ...).
+
+    A parameter naming an existing file or folder (a checkpoint, EK-FAC factors, a local model) is
+    keyed by its content (:func:`curate.io.paths.content_params`), so editing the file in place
+    makes the cached set stale.
+    """
     h = hashlib.blake2b(digest_size=16)
     for u in uids:
         h.update(u.encode())
         h.update(b"\n")
-    h.update(json.dumps(dict(params), sort_keys=True, default=str).encode())
+    h.update(json.dumps(content_params(dict(params)), sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
 class FeatureStore:
-    """A folder of feature sets, ``<root>/<safe name>/``; ``get`` returns None on a stale key."""
+    """A folder of feature sets, ``<root>/<safe name>/``; ``get`` returns None on a stale key.
+
+    Names are checked with :func:`curate.io.paths.check_name` (parts joined by ``/``), so no name
+    reaches outside ``root`` or onto a temporary entry: ``put`` replaces exactly one folder below it.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
 
     def _folder(self, name: str) -> Path:
+        check_name("the feature store", "name", name, nested=True)
         return self.root / name.replace("/", "__").replace("+", "_plus_")
 
     def __contains__(self, name: str) -> bool:

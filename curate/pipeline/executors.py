@@ -6,18 +6,24 @@ GPU tasks when GPUs exist and the work asks for them). Global work (LSH union-fi
 selection solvers) never goes through an executor: it runs once on the driver.
 
 :func:`sharded_map` adds crash-safe resume: each shard's result is written to
-``<cache_dir>/<shard key>.pkl`` (temp name, then rename) where the key is a hash of the shard's
-uids and the work's parameters, so a rerun after a crash recomputes only unfinished shards, and
-a changed input or parameter never reuses a stale shard. We use Ray rather than a home-made
+``<cache_dir>/<shard key>-<digest>.<parquet|npz|json>`` (temp name, then rename) where the key is a
+hash of the shard's uids and the work's parameters, so a rerun after a crash recomputes only
+unfinished shards, and a changed input or parameter never reuses a stale shard. Results are stored
+as data, never as pickles (a run folder may come from someone else, and unpickling runs code):
+a polars DataFrame as parquet; arrays, numpy scalars and tuples/lists of them as ``.npz`` read with
+``allow_pickle=False``; plain JSON values as JSON. ``<digest>`` is the SHA-256 of the file's bytes,
+checked on every read: a truncated or altered shard is recomputed with a warning naming the file.
+A result of any other type is returned but not cached. We use Ray rather than a home-made
 scheduler (docs/architecture.md): this module only splits, caches and orders.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import pickle
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -153,18 +159,17 @@ def sharded_map(
     todo: list[int] = []
     folder = Path(cache_dir) if cache_dir is not None else None
     for i, key in enumerate(keys):
-        path = folder / f"{key}.pkl" if folder else None
-        if path is not None and path.exists():
-            with open(path, "rb") as f:
-                results[i] = pickle.load(f)
-        else:
+        found = _load(folder, key) if folder is not None else _MISSING
+        if found is _MISSING:
             todo.append(i)
+        else:
+            results[i] = found
     if todo and folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
 
     def save(i: int, res: R) -> None:
         if folder is not None:
-            _save(folder / f"{keys[i]}.pkl", res)
+            _save(folder, keys[i], res)
         results[i] = res
 
     if executor.name == "local":
@@ -177,6 +182,81 @@ def sharded_map(
     return [results[i] for i in range(len(keys))]
 
 
-def _save(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+_MISSING: Any = object()
+_SUFFIXES = (".parquet", ".npz", ".json")
+
+
+def _encode(obj: Any) -> tuple[str, bytes] | None:
+    """``obj`` as (suffix, bytes) in a format read back without running code, or None."""
+    import numpy as np
+    import polars as pl
+
+    buf = io.BytesIO()
+    if isinstance(obj, pl.DataFrame):
+        try:
+            obj.write_parquet(buf, compression="zstd", statistics=False)
+        except Exception:  # noqa: BLE001 - e.g. Object columns parquet cannot hold: leave uncached
+            return None
+        return ".parquet", buf.getvalue()
+    arrays: list[Any] | None = None
+    if isinstance(obj, (np.ndarray, np.generic)):
+        kind, arrays = "scalar" if isinstance(obj, np.generic) else "array", [obj]
+    elif isinstance(obj, (tuple, list)) and all(isinstance(x, (np.ndarray, np.generic)) for x in obj) and obj:
+        kind, arrays = type(obj).__name__, list(obj)
+    if arrays is not None:
+        if any(np.asarray(a).dtype.hasobject for a in arrays):
+            return None
+        np.savez(buf, __kind__=np.array(kind), **{f"a{i}": np.asarray(a) for i, a in enumerate(arrays)})
+        return ".npz", buf.getvalue()
+    try:
+        text = json.dumps(obj, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    # Only values JSON gives back exactly (not tuples, not non-string keys) are cached as JSON.
+    return (".json", text.encode()) if json.loads(text) == obj else None
+
+
+def _decode(suffix: str, data: bytes) -> Any:
+    import numpy as np
+    import polars as pl
+
+    if suffix == ".parquet":
+        return pl.read_parquet(io.BytesIO(data))
+    if suffix == ".npz":
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            kind = str(z["__kind__"])
+            arrays = [z[f"a{i}"] for i in range(len(z.files) - 1)]
+        if kind == "scalar":
+            return arrays[0][()]
+        if kind == "array":
+            return arrays[0]
+        return tuple(arrays) if kind == "tuple" else arrays
+    return json.loads(data)
+
+
+def _load(folder: Path, key: str) -> Any:
+    """The cached result of shard ``key`` in ``folder``, or ``_MISSING``. A file whose bytes do not
+    match the digest in its name, or that does not decode, is removed with a warning."""
+    for path in sorted(folder.glob(f"{key}-*")) if folder.is_dir() else []:
+        if path.suffix not in _SUFFIXES:
+            continue
+        try:
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest()[:32] != path.stem.rpartition("-")[2]:
+                raise ValueError("its bytes do not match the checksum in its name (truncated or altered)")
+            return _decode(path.suffix, data)
+        except Exception as exc:  # noqa: BLE001 - any unreadable shard is recomputed, never trusted
+            warnings.warn(f"shard cache {path} is unreadable ({type(exc).__name__}: {exc}); recomputing that shard.",
+                          RuntimeWarning, stacklevel=3)
+            path.unlink(missing_ok=True)
+    return _MISSING
+
+
+def _save(folder: Path, key: str, obj: Any) -> None:
+    encoded = _encode(obj)
+    if encoded is None:  # not storable as plain data: returned, recomputed after a crash
+        return
+    suffix, data = encoded
+    digest = hashlib.sha256(data).hexdigest()[:32]
+    with atomic_path(folder / f"{key}-{digest}{suffix}") as tmp:
+        tmp.write_bytes(data)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from curate.errors import ParameterError, RecipeError
+from curate.io.plugins import LOADED, entry_point_objects, import_object
 
 STEPS: dict[str, type] = {}
 
@@ -55,6 +56,10 @@ def load_steps() -> dict[str, type]:
                 if exc.name != pkg:
                     raise
         _loaded = True
+        # installed plugins: a module whose import registers steps, or a step class
+        for ep_name, obj in entry_point_objects("curate.steps"):
+            if isinstance(obj, type) and obj not in STEPS.values():
+                register_step(ep_name)(obj)
     return STEPS
 
 
@@ -69,6 +74,13 @@ def build_step(use: str, params: Mapping[str, Any], *, where: str = "step") -> A
         RecipeError: unknown step, unknown parameter (listing the valid ones) or a bad value.
     """
     steps = load_steps()
+    if use not in steps and ":" in use:  # use: mypkg.module:StepClass
+        cls = import_object(use)
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and hasattr(cls, "apply")):
+            raise RecipeError(f"{where}: '{use}' is not a step class (a dataclass with apply(table, ctx)).")
+        if cls not in steps.values():
+            register_step(use)(cls)
+        use = next(n for n, c in steps.items() if c is cls)
     if use not in steps:
         raise RecipeError(f"{where}: unknown step '{use}'. Known steps: {', '.join(sorted(steps))}.")
     cls = steps[use]
@@ -98,4 +110,7 @@ def describe_steps() -> dict[str, dict[str, Any]]:
                 params[f.name] = "<required>"
         doc = (cls.__doc__ or "").strip().splitlines()
         out[name] = {"doc": doc[0] if doc else "", "params": params}
+        plugin = LOADED.get(getattr(cls, "__module__", ""))
+        if plugin is not None:
+            out[name]["plugin"] = plugin["plugin"]
     return out

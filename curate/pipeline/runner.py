@@ -6,11 +6,18 @@ Run folder (docs/architecture.md)::
     <run_dir>/steps/00-ingest/{table.parquet, rejects.parquet, targets.parquet, stats.json, DONE}
     <run_dir>/steps/NN-<step>/{table.parquet, stats.json, DONE}   # table = uid + <step>__* columns
     <run_dir>/features/                                           # the run's FeatureStore
-    <run_dir>/curated.parquet  rejected.parquet  manifest.json
+    <run_dir>/curated.parquet  rejected.parquet  manifest.json  report.html
+    <run_dir>/DONE                                                # written last (pipeline/rundir.py)
 
 Every step has a cache key: a hash of the previous key, the step's name, registered use and
-parameters, and the seed. A step whose DONE marker carries the same key is loaded, not rerun; a
-folder holding a different key is refused unless ``overwrite=True``.
+parameters, and the seed; a parameter naming an existing file or folder (criteria, pairs, factors,
+checkpoints, target files) enters by content, not by path (:func:`curate.io.paths.content_params`);
+an output parameter enters as a path, except a path the step reuses when it exists (a saved index,
+``reused_params``), which is keyed by its content as the step left it. When a selector step reports a
+token count, manifest.json carries it as ``tokens`` (curated tokens, tokenizer, ``approximate``).
+A step whose DONE marker carries the same key is loaded, not rerun; a folder holding a different
+key is refused unless ``overwrite=True``. A run holds the folder's lock throughout, and removes the
+run-level DONE and the old final outputs before it changes anything (pipeline/rundir.py).
 """
 
 from __future__ import annotations
@@ -29,11 +36,14 @@ import polars as pl
 import yaml
 
 from curate.errors import RecipeError
+from curate.io.paths import OUTPUT_PARAMS, content_params
+from curate.io.plugins import code_key
 from curate.io.store import FeatureStore
-from curate.io.writers import sha256_file, write_json, write_parquet, write_text
+from curate.io.writers import write_json, write_parquet, write_text
 from curate.pipeline.executors import get_executor
 from curate.pipeline.outcome import count_reasons, rejected_rows
 from curate.pipeline.recipe import InputSpec, Recipe
+from curate.pipeline.rundir import invalidate_outputs, load_finished, mark_run_done, run_lock
 from curate.pipeline.step import StepContext, check_step_output, step_params
 from curate.report import write_report
 from curate.schema import SCHEMA
@@ -80,8 +90,9 @@ def _read_done(folder: Path) -> str | None:
         return None
 
 
-def _prepare(folder: Path, key: str, overwrite: bool) -> bool:
-    """True if ``folder`` already holds the result for ``key``; clears a stale folder."""
+def _prepare(folder: Path, key: str, overwrite: bool, before_change: Any = None) -> bool:
+    """True if ``folder`` already holds the result for ``key``; clears a stale folder (calling
+    ``before_change()`` first, once it is decided that the folder will change)."""
     found = _read_done(folder)
     if found == key:
         return True
@@ -90,6 +101,8 @@ def _prepare(folder: Path, key: str, overwrite: bool) -> bool:
             f"{folder} was made with a different recipe or input (cache key {found[:12]} != {key[:12]}). "
             "Pass --overwrite to recompute it, or choose another run folder with -o."
         )
+    if before_change is not None:
+        before_change()
     if found is not None and folder.exists():  # a finished result of another key: start over
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,6 +110,8 @@ def _prepare(folder: Path, key: str, overwrite: bool) -> bool:
     # keyed by content and written atomically, so the rerun redoes only unfinished shards.
     for child in folder.iterdir():
         if child.name == "shards":
+            for tmp in child.glob(".*.tmp"):  # a shard killed before its rename
+                tmp.unlink()
             continue
         if child.is_dir():
             shutil.rmtree(child)
@@ -119,6 +134,12 @@ class RunResult:
     funnel: list[dict[str, Any]] = field(default_factory=list)
     manifest: dict[str, Any] = field(default_factory=dict)
 
+    def _repr_html_(self) -> str:
+        """Compact notebook summary: funnel, drop reasons, selector and budget, links to files."""
+        from curate.pipeline.results import run_html
+
+        return run_html(self.run_dir, self.manifest)
+
     def summary(self) -> dict[str, Any]:
         return {
             "run_dir": str(self.run_dir),
@@ -135,23 +156,25 @@ class RunResult:
 
 
 def _input_files(specs: list[InputSpec]) -> list[dict[str, Any]]:
-    from curate.io import expand_inputs
+    # files, URIs, save_to_disk folders, hub datasets, in-memory data: one manifest entry each file
+    from curate.io.inputs import describe_inputs
 
-    out = []
-    for spec in specs:
-        for f in expand_inputs([spec.path]):
-            out.append({"path": str(f), "size": f.stat().st_size, "sha256": sha256_file(f), "format": spec.format,
-                        "kind": spec.kind, "sample": spec.sample})
-    return out
+    return describe_inputs(specs)
+
+
+def _extra_key(entry: dict[str, Any]) -> tuple[Any, ...]:
+    """Key parts of an input beyond its bytes (a field map, a split); empty for plain files so
+    their ingest keys stay what they were."""
+    return tuple((k, entry[k]) for k in ("map", "split", "config") if entry.get(k) is not None)
 
 
 def _read(specs: list[InputSpec], on_error: str, progress: bool, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
-    from curate.io import read_sources
-    from curate.schema import dedupe_uids
+    from curate.io.inputs import read_input
+    from curate.io.sources import unique_uids
 
     tables, rejects = [], []
     for spec in specs:
-        res = read_sources([spec.path], format=spec.format, kind=spec.kind, on_error=on_error, progress=progress)
+        res = read_input(spec, on_error=on_error, progress=progress)
         table = res.table
         if spec.sample is not None and spec.sample < table.height:
             from curate.pipeline.builtin import seeded_key
@@ -164,7 +187,7 @@ def _read(specs: list[InputSpec], on_error: str, progress: bool, seed: int = 0) 
     table = pl.concat(tables, how="vertical") if tables else pl.DataFrame(schema=SCHEMA)
     if len(tables) > 1:  # uids must stay unique across inputs (readers dedupe within one call)
         records = table.to_dicts()
-        dedupe_uids(records)
+        unique_uids(records)  # from content hashes, so repeats renamed per input cannot collide
         table = table.with_columns(pl.Series("uid", [r["uid"] for r in records], dtype=pl.Utf8))
     rej = pl.concat(rejects, how="diagonal_relaxed") if rejects else pl.DataFrame()
     return table, rej
@@ -198,32 +221,44 @@ def run_recipe(
     rhash = recipe.hash()
     run_dir = Path(run_dir) if run_dir is not None else Path(recipe.output) / recipe.name / rhash[:12]
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(run_dir / "run.log", "a", encoding="utf-8")  # noqa: SIM115 - closed at the end
+    # The lock comes before run.log is opened: a refused run writes nothing into the folder.
+    with run_lock(run_dir), open(run_dir / "run.log", "a", encoding="utf-8") as log_file:
 
-    def say(msg: str) -> None:
-        log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
-        log_file.flush()
-        if log is not None:
-            log(msg)
+        def say(msg: str) -> None:
+            log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+            log_file.flush()
+            if log is not None:
+                log(msg)
 
-    try:
-        return _run(recipe, run_dir, rhash, inputs, targets_files, overwrite, progress, executor_obj, say, started)
-    finally:
-        log_file.close()
+        try:
+            return _run(recipe, run_dir, rhash, inputs, targets_files, overwrite, progress, executor_obj, say, started)
+        except BaseException as exc:  # the folder's own record of why it is incomplete
+            say(f"error: {type(exc).__name__}: {exc}")
+            raise
 
 
 def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]], targets_files: list[dict[str, Any]],
          overwrite: bool, progress: bool, executor: Any, say: Any, started: float) -> RunResult:
     for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob("features/.*")]:  # temp files of a crashed run
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False), run_dir / "recipe.resolved.yaml")
+    changed = False
+
+    def before_change() -> None:
+        """Once per run, before the first change: uncertify the old outputs, then record the recipe.
+        A run refused for a different cache key never gets here and leaves the folder as it was."""
+        nonlocal changed
+        if not changed:
+            invalidate_outputs(run_dir)
+            write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False), run_dir / "recipe.resolved.yaml")
+            changed = True
 
     # ---- ingest
-    key = _hash("ingest", [(f["sha256"], f["format"], f["kind"], f["sample"]) for f in inputs],
-                [(f["sha256"], f["format"], f["kind"], f["sample"]) for f in targets_files], recipe.on_error, recipe.seed)
+    key = _hash("ingest", [(f["sha256"], f["format"], f["kind"], f["sample"], *_extra_key(f)) for f in inputs],
+                [(f["sha256"], f["format"], f["kind"], f["sample"], *_extra_key(f)) for f in targets_files],
+                recipe.on_error, recipe.seed)
     folder = run_dir / "steps" / INGEST
     t0 = time.time()
-    cached = _prepare(folder, key, overwrite)
+    cached = _prepare(folder, key, overwrite, before_change)
     if cached:
         table = pl.read_parquet(folder / "table.parquet")
         ingest_rejects = pl.read_parquet(folder / "rejects.parquet")
@@ -249,12 +284,15 @@ def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]]
     # ---- steps
     store = FeatureStore(run_dir / "features")
     alive = pl.Series("alive", [True] * table.height)
+    step_stats: dict[str, dict[str, Any]] = {}
     for i, spec in enumerate(recipe.steps, start=1):
-        key = _hash(key, spec.name, spec.use, step_params(spec.step), recipe.seed)
+        prev_key = key
+        # Keyed when the step starts, so a file an earlier step of this run wrote enters by its new content.
+        key = _step_key(prev_key, spec, recipe.seed)
         folder = run_dir / "steps" / f"{i:02d}-{spec.name}"
         t0 = time.time()
         rows_in = int(alive.sum())
-        cached = _prepare(folder, key, overwrite)
+        cached = _prepare(folder, key, overwrite, before_change)
         if cached:
             out = pl.read_parquet(folder / "table.parquet")
             say(f"[{i:02d}] {spec.name}: cached")
@@ -268,6 +306,8 @@ def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]]
             result = check_step_output(spec.name, current, spec.step.apply(current, ctx))
             out = result.rename({c: f"{spec.name}__{c}" for c in result.columns if c != "uid"})
             write_parquet(out, folder / "table.parquet")
+            if reused_params(spec.step):  # keyed by what the reused path holds now that the step wrote it
+                key = _step_key(prev_key, spec, recipe.seed)
             kept = int(out[f"{spec.name}__keep"].sum())
             _mark_done(folder, key, {
                 "step": spec.name, "use": spec.use, "params": step_params(spec.step), "rows_in": rows_in,
@@ -277,7 +317,7 @@ def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]]
             })
         table = table.join(out, on="uid", how="left", maintain_order="left")
         alive = alive & table[f"{spec.name}__keep"].fill_null(False)
-        stats = json.loads((folder / "stats.json").read_text())
+        stats = step_stats[spec.name] = json.loads((folder / "stats.json").read_text())
         funnel.append({
             "step": spec.name, "use": spec.use, "rows_in": rows_in, "rows_out": int(alive.sum()),
             "dropped": stats.get("dropped", {}), "cached": cached, "peak_rss_mb": stats.get("peak_rss_mb"),
@@ -285,6 +325,7 @@ def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]]
         })
 
     # ---- outputs
+    before_change()
     curated = table.filter(alive)
     rejected = rejected_rows(table, alive, ingest_rejects)
     write_parquet(curated, run_dir / "curated.parquet")
@@ -304,11 +345,57 @@ def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]]
         "steps": funnel,
         "rows": {"input": funnel[0]["rows_in"], "curated": curated.height, "rejected": rejected.height},
         "selected_uids_hash": selected_hash,
+        **({"tokens": tokens} if (tokens := _tokens_block(recipe, step_stats)) else {}),
         "seconds": round(time.time() - started, 3),
     }
     write_json(manifest, run_dir / "manifest.json")
     _write_report(run_dir, say)
+    mark_run_done(run_dir, rhash)
     return RunResult(run_dir, funnel[0]["rows_in"], curated.height, rejected.height, funnel, manifest)
+
+
+def reused_params(step: Any) -> tuple[str, ...]:
+    """Parameters of ``step`` naming a path it reads when it exists and writes otherwise (a saved
+    index): the class attribute ``reused_params``, a subset of :data:`curate.io.paths.OUTPUT_PARAMS`."""
+    return tuple(getattr(type(step), "reused_params", ()))
+
+
+def _step_key(prev_key: str, spec: Any, seed: int) -> str:
+    """The cache key of a recipe step: the previous key, name, use, parameters (files by content),
+    seed and a plugin step's code hash.
+
+    Output parameters enter as paths, except the step's :func:`reused_params`: those enter by
+    content when they exist. The runner keys such a step again once it has run and records that
+    key, so a rerun that finds the path as the step left it is cached, while a path that already
+    existed (a prebuilt index used as input) or was changed since keys by its bytes.
+    """
+    skip = OUTPUT_PARAMS - frozenset(reused_params(spec.step))
+    return _hash(prev_key, spec.name, spec.use, content_params(step_params(spec.step), skip=skip), seed,
+                 *code_key(spec.step))  # a plugin step's file hash: edited code is recomputed
+
+
+def _tokens_block(recipe: Recipe, step_stats: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The token block of the last selector step that reported one (``selection.diagnostics.tokens``
+    in its stats.json): the curated token count, the column counted, whether it is the whitespace
+    word estimate (``approximate``) and the tokenizer, taken from the stats of the step that wrote the
+    counted column (``count_tokens``), else ``counted (<column>)``, None when approximate."""
+    for spec in reversed(recipe.steps):
+        stats = step_stats.get(spec.name) or {}
+        tok = ((stats.get("selection") or {}).get("diagnostics") or {}).get("tokens")
+        if not tok:
+            continue
+        block = {**tok, "step": spec.name}
+        col = str(tok.get("counted_by") or "")
+        producer, _, _ = col.rpartition("__")
+        info = (step_stats.get(producer) or {}).get("tokens") if producer else None
+        if tok.get("approximate"):
+            block["tokenizer"] = None
+        elif isinstance(info, dict) and info.get("tokenizer"):
+            block["tokenizer"] = info["tokenizer"]
+        else:
+            block["tokenizer"] = f"counted ({col})"
+        return block
+    return None
 
 
 def peak_rss_mb() -> float:
@@ -327,8 +414,6 @@ def _write_report(run_dir: Path, say: Any) -> None:
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a finished run (for ``curate show``)."""
-    path = Path(run_dir) / "manifest.json"
-    if not path.exists():
-        raise RecipeError(f"{run_dir} is not a finished run folder (no manifest.json).")
-    return json.loads(path.read_text())
+    """The manifest of a finished run (for ``curate show``); RecipeError naming why for a folder
+    that is incomplete, being written, or not a run folder (:func:`curate.pipeline.rundir.load_finished`)."""
+    return load_finished(run_dir)

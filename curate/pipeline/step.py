@@ -68,6 +68,11 @@ class StepContext:
         """
         from curate.pipeline.executors import LocalExecutor, sharded_map, split
 
+        if getattr(self.executor, "name", "local") == "ray":
+            from curate.io.plugins import ship_by_value
+
+            ship_by_value()  # Ray workers cannot import a plugin file: send its code with the task
+
         ranges = split(table.height, shard_size) if table.height else []
         shards = [table.slice(a, b - a) for a, b in ranges]
         payloads = [payload(s) if payload else s for s in shards]

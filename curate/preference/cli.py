@@ -62,9 +62,10 @@ def ches(input_path: str, output: str, model: str, keep_bottom: float | None, dr
          threshold: float | None, length_normalize: bool, max_length: int, batch_size: int, device: str,
          as_json: bool) -> None:
     """Filter preference pairs of IN by CHES / LN-CHES (Razin et al., ICLR 2025) into OUT_DIR."""
+    from curate.features.ches_states import ches_features
     from curate.io.store import FeatureStore
     from curate.io.writers import write_json, write_parquet
-    from curate.selectors.ches import ChesSelector, ches_features, pair_problems
+    from curate.selectors.ches import ChesSelector, pair_problems
 
     t0 = time.time()
     sel = ChesSelector(measure="ln_ches" if length_normalize else "ches", keep_bottom_fraction=keep_bottom,

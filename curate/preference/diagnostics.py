@@ -1,7 +1,7 @@
 """Preference-pair diagnostics (docs/methods/preference-diagnostics.md §1, §2, §4, §6) and their pipeline steps.
 
 Formulas (ℓ_π(y|x) = Σ_t log π(y_t | x, y<t) over response tokens with the positions of
-:mod:`curate.selectors.ches`, so CHES and the margin come from one forward pass; ℓ̄ = ℓ/|y|):
+:mod:`curate.features.ches_states`, so CHES and the margin come from one forward pass; ℓ̄ = ℓ/|y|):
 
 - **Reference margin** (Chen et al., "Preference Learning Algorithms Do Not Learn Preference Rankings",
   arXiv 2405.19534): m = ℓ_ref(y+|x) − ℓ_ref(y−|x), m̄ = ℓ̄_ref(y+|x) − ℓ̄_ref(y−|x), difficulty = −m;
@@ -31,24 +31,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
 
 from curate._lazy import require
 from curate.errors import param_error
+from curate.features.ches_states import SideIds, ches_features, ches_table, prompt_ids, response_ids, response_stats
 from curate.pipeline.registry import register_step
 from curate.pipeline.step import StepContext
-from curate.selectors.ches import (
-    SideIds,
-    ches_features,
-    ches_table,
-    pair_problems,
-    prompt_ids,
-    response_ids,
-    response_stats,
-)
+from curate.selectors.ches import pair_problems
 from curate.validation import check_int
 
 AGREEMENT = ("unanimous", "majority", "split")
@@ -342,6 +335,7 @@ class Diagnose:
         append_eos, max_length, batch_size, device, dtype: as in the ``ches_states`` step.
     """
 
+    path_or_name_params: ClassVar[tuple[str, ...]] = ("model",)
     model: str = "default"
     scorers: tuple[str, ...] = ()
     action: str = "annotate"
@@ -434,6 +428,7 @@ class IFD:
         append_eos, max_length, batch_size, device, dtype: as in ``ches_states``.
     """
 
+    path_or_name_params: ClassVar[tuple[str, ...]] = ("model",)
     model: str = "default"
     drop_ge_1: bool = True
     keep_top_fraction: float | None = None

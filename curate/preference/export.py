@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import polars as pl
 
@@ -164,6 +164,7 @@ class Export:
 
     format: str = "trl"
     as_strings: bool = False
+    path_params: ClassVar[tuple[str, ...]] = ("path",)
     path: str | None = None
 
     def __post_init__(self) -> None:

@@ -3,7 +3,8 @@
 Sections (each omitted when the run has nothing for it): overview, funnel with drops by reason,
 length histograms (kept vs dropped), score histograms (one per ``__score`` column), dedup clusters
 (one per ``__cluster_id`` column, with examples), composition by source / kind / task against the
-targets, a 2-D embedding map (PCA, or UMAP when ``umap-learn`` is installed) and sample rows per
+targets, budget and groups (token counts; pool vs curated share and scores per group of every ``by:``
+column, :mod:`curate.report.groups`), a 2-D embedding map (PCA, or UMAP when ``umap-learn`` is installed) and sample rows per
 drop reason. Every text that comes from data is HTML-escaped.
 """
 
@@ -28,6 +29,7 @@ SECTION_TITLES = {
     "scores": "Scores",
     "clusters": "Dedup clusters",
     "composition": "Composition",
+    "budget": "Budget and groups",
     "embedding": "Embedding map",
     "samples": "Dropped rows by reason",
 }
@@ -175,10 +177,25 @@ def _clusters(data: st.RunData) -> str:
                 for m in c["members"])
             ex.append(f'<div class="cluster"><b>size {c["size"]}</b> (cluster <code>{esc(c["cluster_id"][:12])}</code>)'
                       f"<ul>{members}</ul></div>")
-        parts.append(head + img + "".join(ex))
+        parts.append(head + img + "".join(ex) + _merged_pairs(data, cs["step"]))
     if not parts:
         return ""
     return _section("clusters", "".join(parts))
+
+
+def _merged_pairs(data: st.RunData, step: str) -> str:
+    """Sampled merged pairs of one dedup step, per similarity band (dropped row, then its match)."""
+    bands = st.merged_pairs(data.rows, step)
+    if not bands:
+        return ""
+    rows = []
+    for b in bands:
+        for k, p in enumerate(b["pairs"]):
+            rows.append([esc(b["band"]) if k == 0 else "", _fmt(b["count"]) if k == 0 else "", f"{p['similarity']:.3f}",
+                         f'<code>{esc(p["uid"][:12])}</code> {esc(st._cut(p["text"], 200))}',
+                         f'<code>{esc(str(p["matched"])[:12])}</code> {esc(st._cut(p["matched_text"], 200))}'])
+    return ('<h4 class="merged-pairs">Merged pairs by similarity</h4>'
+            + _table(["band", "pairs", "similarity", "dropped row", "matched row"], rows))
 
 
 def _composition(data: st.RunData, max_values: int = 15) -> str:
@@ -206,6 +223,13 @@ def _composition(data: st.RunData, max_values: int = 15) -> str:
         return ""
     note = "<p>Shares of the input pool, the curated subset" + (" and the targets" if data.targets is not None else "") + ".</p>"
     return _section("composition", note + "".join(parts))
+
+
+def _budget(data: st.RunData) -> str:
+    from curate.report import groups
+
+    body = groups.render(data, esc, _fmt, _pct, _table, _img)
+    return _section("budget", body) if body else ""
 
 
 def _embedding(data: st.RunData) -> str:
@@ -266,7 +290,7 @@ def build_report(run_dir: str | Path) -> Report:
     """Render the report of a finished run folder (see the module docstring for its sections)."""
     data = st.load_run_data(run_dir)
     builders = {"overview": _overview, "funnel": _funnel, "lengths": _lengths, "scores": _scores,
-                "clusters": _clusters, "composition": _composition, "embedding": _embedding, "samples": _samples}
+                "clusters": _clusters, "composition": _composition, "budget": _budget, "embedding": _embedding, "samples": _samples}
     bodies: dict[str, str] = {}
     for key, fn in builders.items():
         text = fn(data)

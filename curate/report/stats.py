@@ -206,6 +206,45 @@ def cluster_summary(rows: pl.DataFrame, column: str, *, n_examples: int = 5, per
             "n_multi": int(sizes.filter(pl.col("size") > 1).height), "largest": largest}
 
 
+SIMILARITY_BANDS = ((1.0, 1.0), (0.9, 1.0), (0.8, 0.9), (0.7, 0.8), (0.6, 0.7), (0.5, 0.6), (-1.0, 0.5))
+
+
+def merged_pairs(rows: pl.DataFrame, step: str, *, per_band: int = 3) -> list[dict[str, Any]]:
+    """A sample of the pairs one dedup step merged, per similarity band, for auditing merges.
+
+    A pair is a row the step dropped and the row it matched (``<step>__matched``; the kept row
+    ``<step>__dup_of`` for steps that do not name a match), with the step's ``<step>__score``.
+    Bands are ``[1.0]``, ``[0.9, 1.0)``, ``[0.8, 0.9)`` … ``[0.5, 0.6)`` and below 0.5; each
+    band gives its pair count and its first ``per_band`` pairs by uid (deterministic), each
+    ``{uid, matched, similarity, text, matched_text}``. Empty bands are left out.
+    """
+    keep, score = f"{step}__keep", f"{step}__score"
+    match = f"{step}__matched" if f"{step}__matched" in rows.columns else f"{step}__dup_of"
+    if not {keep, score, match} <= set(rows.columns):
+        return []
+    dropped = rows.filter(pl.col(keep).is_not_null() & ~pl.col(keep) & pl.col(match).is_not_null()).sort("uid")
+    if dropped.height == 0:
+        return []
+    sim = dropped[score].fill_null(float("nan")).to_numpy()
+    by_uid = {}
+    out = []
+    for lo, hi in SIMILARITY_BANDS:
+        m = (sim == hi) if lo == hi else (sim >= lo) & (sim < hi)
+        if not m.any():
+            continue
+        part = dropped.filter(pl.Series(m)).head(per_band)
+        wanted = [u for u in part[match].to_list() if u not in by_uid]
+        if wanted:
+            other = rows.filter(pl.col("uid").is_in(wanted))
+            by_uid.update(zip(other["uid"].to_list(), texts(other, "prompt+response")))
+        label = "1.0" if lo == hi else (f"< {hi:g}" if lo < 0 else f"[{lo:g}, {hi:g})")
+        out.append({"band": label, "count": int(m.sum()), "pairs": [
+            {"uid": u, "matched": v, "similarity": float(x), "text": t, "matched_text": by_uid.get(v, "")}
+            for u, v, x, t in zip(part["uid"].to_list(), part[match].to_list(), part[score].to_list(),
+                                  texts(part, "prompt+response"), strict=True)]})
+    return out
+
+
 # -------------------------------------------------------------------------------- composition
 def _shares(values: Sequence[str | None]) -> dict[str, int]:
     counts: dict[str, int] = {}

@@ -55,6 +55,14 @@ def register_selector(cls: type[BaseSelector]) -> type[BaseSelector]:
     return cls
 
 
+def load_selector_plugins() -> list[str]:
+    """Add the selectors of installed packages (entry-point group ``curate.selectors``, each a
+    selector class); returns their names. Runs once when this package is imported."""
+    from curate.io.plugins import entry_point_objects
+
+    return [register_selector(cls).name for _, cls in entry_point_objects("curate.selectors")]
+
+
 def get_selector(name: str) -> type[BaseSelector]:
     """The selector class registered as ``name``; raises a ``RecipeError`` listing the known ones."""
     if name not in SELECTORS:
@@ -65,5 +73,7 @@ def get_selector(name: str) -> type[BaseSelector]:
 __all__ = [
     "SELECTORS", "BaseSelector", "BidsSelector", "Budget", "ChesSelector", "CritiqSelector", "DSIRSelector",
     "DeitaSelector", "KCenterSelector", "LessSelector", "QuadSelector", "RandomSelector", "RdsSelector", "Selection",
-    "Selector", "TarotSelector", "TopKSelector", "get_selector", "register_selector",
+    "Selector", "TarotSelector", "TopKSelector", "get_selector", "load_selector_plugins", "register_selector",
 ]
+
+load_selector_plugins()

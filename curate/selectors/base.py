@@ -13,7 +13,8 @@ role is aligned to the pool's uids.
   dimensions must match the pool's);
 - canonical order: the pool is sorted by ``uid`` before anything else, so results are invariant to
   row order and "first index" ties are "smallest uid" ties;
-- budgets (``n``, ``fraction`` or ``tokens``);
+- budgets (``n``, ``fraction`` or ``tokens``, first-fit on counted tokens) and quotas per group of
+  any column (:mod:`curate.selectors.quotas`), so every selector gets them through one code path;
 - stable top-k with ties broken by uid;
 - the :class:`Selection` frame (``uid, score, keep, rank, reason`` plus extra columns) in the
   caller's row order.
@@ -22,8 +23,6 @@ role is aligned to the pool's uids.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,126 +31,25 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 import polars as pl
 
-from curate.errors import MissingFeatureError, SchemaError, param_error
+from curate.errors import MissingFeatureError, SchemaError
 from curate.io.store import FeatureSet
+from curate.selectors.budget import Budget, Quota, row_tokens  # noqa: F401  (re-exported)
+from curate.selectors.quotas import (
+    OVER_TOKENS,
+    QuotaError,  # noqa: F401  (re-exported)
+    Stratum,
+    composition,
+    fill,
+    group_labels,
+    make_plan,
+    resolve_column,
+    token_column,
+    token_counts,
+)
 from curate.validation import check_bool, check_choice, check_float, check_int, check_str  # noqa: F401  (re-exported)
 
 KEPT = "kept"
 BELOW_CUTOFF = "below_budget_cutoff"
-
-
-# --------------------------------------------------------------------------- budget
-@dataclass(frozen=True)
-class Budget:
-    """How much to select: exactly one of ``n`` (rows), ``fraction`` (of the pool) or ``tokens``.
-
-    ``fraction`` resolves to ``floor(fraction * N)`` rows (LESS's top-p). ``tokens`` keeps the
-    longest prefix of the selector's pick order whose summed token counts fit (see
-    :func:`row_tokens`).
-    """
-
-    n: int | None = None
-    fraction: float | None = None
-    tokens: float | None = None
-
-    def __post_init__(self) -> None:
-        given = [k for k in ("n", "fraction", "tokens") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise param_error("Budget", "n", "given alone (exactly one of n, fraction, tokens)", given or None)
-        if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, numbers.Integral) or self.n < 1):
-            raise param_error("Budget", "n", "an integer >= 1", self.n)
-        if self.fraction is not None and (
-            isinstance(self.fraction, bool) or not isinstance(self.fraction, numbers.Real)
-            or not (0.0 < float(self.fraction) <= 1.0)
-        ):
-            raise param_error("Budget", "fraction", "in (0, 1]", self.fraction)
-        if self.tokens is not None and (
-            isinstance(self.tokens, bool) or not isinstance(self.tokens, numbers.Real)
-            or not math.isfinite(float(self.tokens)) or float(self.tokens) <= 0
-        ):
-            raise param_error("Budget", "tokens", "a finite number > 0", self.tokens)
-
-    @classmethod
-    def parse(cls, value: Any) -> Budget:
-        """``Budget`` from a recipe/CLI value (see :meth:`_parse`); errors name the 'budget' parameter."""
-        from curate.errors import ParameterError
-
-        try:
-            return cls._parse(value)
-        except ParameterError as exc:
-            if "'budget' parameter" in str(exc):
-                raise
-            raise param_error("Budget", "budget", "an int >= 1, a float in (0, 1], 'tokens:X' (X > 0) or "
-                              "{n|fraction|tokens: v}", value) from exc
-
-    @classmethod
-    def _parse(cls, value: Any) -> Budget:
-        """``Budget`` from a recipe/CLI value.
-
-        ``500`` → n; ``0.1`` → fraction; ``"tokens:2e6"``, ``"n:500"``, ``"0.1"``;
-        ``{"tokens": 2e6}``; or a ``Budget``.
-        """
-        if isinstance(value, Budget):
-            return value
-        if isinstance(value, Mapping):
-            if len(value) != 1 or next(iter(value)) not in ("n", "fraction", "tokens"):
-                raise param_error("Budget", "budget", "a mapping with exactly one of n, fraction, tokens", dict(value))
-            key, v = next(iter(value.items()))
-            if key == "n" and isinstance(v, float) and v.is_integer():
-                v = int(v)
-            return cls(**{key: v})
-        if isinstance(value, str):
-            text = value.strip()
-            if ":" in text:
-                key, _, num = text.partition(":")
-                try:
-                    v = float(num)
-                except ValueError:
-                    raise param_error("Budget", "budget", "'n:INT', 'fraction:X' or 'tokens:X'", value) from None
-                return cls._parse({key.strip(): v})
-            try:
-                num = float(text)
-            except ValueError:
-                raise param_error("Budget", "budget", "a number or 'tokens:X'", value) from None
-            value = int(num) if ("." not in text and "e" not in text.lower()) else num
-        if isinstance(value, bool):
-            raise param_error("Budget", "budget", "an int >= 1, a float in (0, 1] or a mapping", value)
-        if isinstance(value, numbers.Integral):
-            return cls(n=int(value))
-        if isinstance(value, numbers.Real):
-            v = float(value)
-            if 0.0 < v <= 1.0:
-                return cls(fraction=v)
-            if v > 1.0 and v.is_integer():
-                return cls(n=int(v))
-            raise param_error("Budget", "budget", "an int >= 1 or a float in (0, 1]", value)
-        raise param_error("Budget", "budget", "an int >= 1, a float in (0, 1] or a mapping", value)
-
-    def rows(self, n_pool: int, lengths: np.ndarray | None = None) -> int:
-        """Upper bound on the number of rows to pick from a pool of ``n_pool`` rows.
-
-        For a token budget this is the most rows that could fit (shortest rows first).
-        """
-        if self.n is not None:
-            return min(int(self.n), n_pool)
-        if self.fraction is not None:
-            return min(int(math.floor(float(self.fraction) * n_pool + 1e-9)), n_pool)
-        assert lengths is not None  # internal: BaseSelector always passes lengths for token budgets
-        csum = np.cumsum(np.sort(lengths))
-        return int(np.searchsorted(csum, float(self.tokens), side="right"))
-
-    def describe(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("n", "fraction", "tokens") if getattr(self, k) is not None}
-
-
-def row_tokens(table: pl.DataFrame) -> np.ndarray:
-    """Token count per row for token budgets: the ``n_tokens`` column when present, otherwise a
-    whitespace word count of the prompt+response text (a tokenizer-free proxy; documented)."""
-    if "n_tokens" in table.columns:
-        return table["n_tokens"].fill_null(0).cast(pl.Float64).to_numpy()
-    from curate.schema import texts
-
-    return np.array([len(t.split()) for t in texts(table, "prompt+response")], dtype=np.float64)
 
 
 # --------------------------------------------------------------------------- selection
@@ -179,6 +77,26 @@ class Selection:
     @property
     def n_kept(self) -> int:
         return int(self.frame["keep"].sum())
+
+    def _repr_html_(self) -> str:
+        """Compact notebook summary: kept / pool, budget, seed, score range, top drop reasons."""
+        from curate.io import notebook as nb
+        from curate.pipeline.outcome import count_reasons
+
+        kept = self.frame.filter(pl.col("keep"))
+        scores = kept["score"].drop_nans().drop_nulls() if "score" in kept.columns else kept["uid"].head(0)
+        score = (f"kept scores {float(scores.min()):.4g} … {float(scores.median()):.4g} … {float(scores.max()):.4g}"
+                 if scores.len() else "")
+        dropped = count_reasons(self.frame.filter(~pl.col("keep"))["reason"].to_list())
+        p = self.params
+        others = {k: v for k, v in p.items() if k not in ("selector", "budget", "seed")}
+        return nb.box(f"Selection · {p.get('selector', '')}", [
+            f"kept <b>{self.n_kept}</b> of {self.frame.height}; budget {nb.esc(p.get('budget'))}; "
+            f"seed {nb.esc(p.get('seed'))}",
+            nb.esc(score),
+            "dropped: " + nb.reasons(dropped) if dropped else "",
+            "params: " + nb.esc(", ".join(f"{k}={v!r}" for k, v in list(others.items())[:8])) if others else "",
+        ])
 
 
 @runtime_checkable
@@ -369,24 +287,68 @@ class BaseSelector:
                         found=f"(M, {', '.join(map(str, feats[role].values.shape[1:]))})",
                     )
         tsorted = targets.sort("uid") if targets is not None and "uid" in targets.columns else targets
-        lengths = row_tokens(canon) if budget.tokens is not None else None
-        ctx = SelectContext(canon, uids, feats, tsorted, int(seed), np.random.default_rng(int(seed)), budget, lengths, metas)
         n = len(uids)
+        counted, token_col = token_counts(canon) if (budget.tokens is not None or token_column(canon)) else (None, None)
+        lengths = counted if budget.tokens is not None else None
+        units = lengths if lengths is not None else np.ones(n)
+        total = float(budget.tokens) if budget.tokens is not None else float(budget.rows(n))
+        strata = []
+        for q in budget.quotas():
+            col = resolve_column(canon, q.by, owner=f"selector '{self.name}' budget")
+            keys = [k for pairs in (q.ratios, q.min_share, q.max_share) if pairs for k, _ in pairs]
+            labels = group_labels(canon[col].to_list(), keys)
+            plan = make_plan(labels, units, total, ratios=dict(q.ratios or ()), mins=dict(q.min_share or ()),
+                             maxs=dict(q.max_share or ()), by=col, unit="tokens" if lengths is not None else "rows")
+            strata.append(Stratum(col, labels, plan))
+        ctx = SelectContext(canon, uids, feats, tsorted, int(seed), np.random.default_rng(int(seed)), budget, lengths, metas)
         if budget.n is not None and budget.n > n:
             warnings.warn(
                 f"{self.name}: budget of {budget.n} rows exceeds the pool of {n}; keeping every row.", stacklevel=2
             )
         k = budget.rows(n, lengths)
+        if (strata or lengths is not None) and type(self)._choose is BaseSelector._choose:
+            k = n  # score-then-cut: the whole order costs one sort and spares rescoring when a quota needs more
         choice = self._choose(ctx, k) if n else Choice(np.zeros(0, np.int64), np.zeros(0))
         order = np.asarray(choice.order, dtype=np.int64)
-        if lengths is not None:
-            fit = np.cumsum(lengths[order]) <= float(budget.tokens) + 1e-9
-            cut = int(np.argmin(fit)) if not fit.all() else len(order)
-            order = order[:cut]
-        return self._frame(ctx, canon, choice, order, budget)
+        if lengths is None and not strata:
+            return self._frame(ctx, canon, choice, order, budget, {}, tokens=(counted, token_col))
+        filled = fill(order, units, total, tokens=lengths is not None, overshoot=budget.overshoot, strata=strata)
+        grow = max(k, 1)
+        while filled.unmet and len(order) < n and grow < n:
+            # the pick order ran out before a quota or the token budget was met: ask for a longer one
+            # (doubling, so a greedy selector pays O(log) calls; some change their picks with k)
+            grow = min(2 * grow, n)
+            longer = self._choose(ctx, grow)
+            refill = fill(np.asarray(longer.order, dtype=np.int64), units, total, tokens=lengths is not None,
+                          overshoot=budget.overshoot, strata=strata)
+            if refill.total >= filled.total or not refill.unmet:
+                choice, order, filled = longer, np.asarray(longer.order, dtype=np.int64), refill
+        if strata:
+            kept = np.zeros(n, dtype=bool)
+            kept[filled.order] = True
+            report = []
+            for s, st in enumerate(strata):
+                # a floor is met when what is missing is less than the group's shortest row (first-fit tokens)
+                unmet = {}
+                for g, need in sorted(st.plan.lo.items()):
+                    short = need - filled.used.get((s, g), 0.0)
+                    rows = st.labels == g
+                    slack = float(units[rows].min()) if lengths is not None and rows.any() else 1.0
+                    if short >= slack - 1e-9:
+                        unmet[g] = short
+                report.append({"by": st.by, "unit": "tokens" if lengths is not None else "rows",
+                               "composition": composition(st.labels, units, kept, st.plan), "unmet": unmet})
+                if unmet:
+                    warnings.warn(f"{self.name}: quotas by '{st.by}' left unmet (units short: {unmet}); the selector "
+                                  "rejected rows they needed or the quotas of several columns conflict.", stacklevel=2)
+            choice.diagnostics = {**choice.diagnostics, "groups": report[0], "strata": report}
+            for q, st in zip(budget.quotas(), strata):  # each row's group, for reports and audits
+                choice.extra[group_column(q.by)] = st.labels.tolist()
+        return self._frame(ctx, canon, choice, filled.order, budget, filled.cut, tokens=(counted, token_col))
 
     def _frame(self, ctx: SelectContext, canon: pl.DataFrame, choice: Choice, order: np.ndarray,
-               budget: Budget) -> Selection:
+               budget: Budget, cut: Mapping[int, str],
+               tokens: tuple[np.ndarray | None, str | None] = (None, None)) -> Selection:
         n = ctx.n
         keep = np.zeros(n, dtype=bool)
         keep[order] = True
@@ -400,9 +362,11 @@ class BaseSelector:
         )
         reasons[keep & (reasons == "")] = KEPT
         reasons[~keep & (reasons == "")] = BELOW_CUTOFF
-        # a reason saying 'kept...' on a row cut by a token budget would lie
+        for i, why in cut.items():  # rows of the pick order the budget skipped: say which limit cut them
+            reasons[i] = why or BELOW_CUTOFF
+        # a reason saying 'kept...' on a row cut by the budget would lie
         cut_rows = ~keep & np.array([str(r).startswith("kept") for r in reasons], dtype=bool)
-        reasons[cut_rows] = "over_token_budget"
+        reasons[cut_rows] = OVER_TOKENS if budget.tokens is not None else BELOW_CUTOFF
         cols: dict[str, Any] = {
             "uid": ctx.uids.tolist(),
             "score": score,
@@ -418,7 +382,16 @@ class BaseSelector:
         ).sort("__row").drop("__row")
         params = {**_plain(self.params()), "budget": budget.describe(), "seed": ctx.seed, "selector": self.name}
         diag = {"n_pool": n, "n_kept": int(keep.sum()), **_plain(choice.diagnostics)}
+        counted, col = tokens
+        if counted is not None:
+            diag["tokens"] = {"curated": float(counted[keep].sum()), "counted_by": col or "whitespace words",
+                              "approximate": col is None}
         return Selection(frame, params, diag)
+
+
+def group_column(by: str) -> str:
+    """The Selection column holding each row's group under the quota ``by`` (``group_<by>``)."""
+    return "group_" + by.replace("__", "_")
 
 
 def _check_finite(owner: str, role: str, uids: np.ndarray, vals: np.ndarray) -> None:

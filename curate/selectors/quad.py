@@ -512,6 +512,8 @@ class QuadSelector(BaseSelector):
     kmeans_niter: int = 20
     reward: str = "cosine"
     reference_agg: str = "sum"
+    path_params: ClassVar[tuple[str, ...]] = ("factors",)
+    path_or_name_params: ClassVar[tuple[str, ...]] = ("model",)
     model: str = "default"
     modules: str = "mlp+attn"
     factors: str | None = None

@@ -37,6 +37,51 @@ def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _group_values(option: str, pairs: Sequence[str]) -> dict[str, float] | None:
+    """``["alpaca=0.6", "code=0.4"]`` (or ``["alpaca=0.6,code=0.4"]``) -> {group: number}."""
+    out: dict[str, float] = {}
+    for item in pairs:
+        for part in (p for p in str(item).split(",") if p.strip()):
+            key, sep, value = part.rpartition("=")
+            try:
+                if not sep or not key.strip():
+                    raise ValueError
+                out[key.strip()] = float(value)
+            except ValueError:
+                raise RecipeError(f"{option} expects GROUP=NUMBER (e.g. {option} alpaca=0.6), got {part!r}.") from None
+    return out or None
+
+
+def parse_budget(budget: Any, *, by: str | None = None, ratios: Sequence[str] = (), mins: Sequence[str] = (),
+                 maxs: Sequence[str] = (), overshoot: bool = False) -> Budget:
+    """The :class:`Budget` of ``curate select`` / ``curate mix`` options.
+
+    ``--budget`` keeps its forms (``0.1``, ``500``, ``tokens:2e6``, ``n:500``) and may also be a
+    YAML/JSON mapping (``{tokens: 2e6, by: source, ratios: {alpaca: 0.6, code_alpaca: 0.4}}``);
+    ``--by COLUMN`` with ``--ratio GROUP=SHARE`` / ``--min GROUP=SHARE`` / ``--max GROUP=SHARE``
+    (repeatable or comma-separated; ``*`` = every other group) stratifies it, ``--overshoot`` lets
+    a token budget keep the row that crosses it.
+
+    Raises:
+        RecipeError: a malformed option or an invalid budget (exit code 2 in the CLI).
+    """
+    groups = {"ratios": _group_values("--ratio", ratios), "min": _group_values("--min", mins),
+              "max": _group_values("--max", maxs)}
+    try:
+        base = Budget.parse(budget)
+        if by is None and not any(groups.values()) and not overshoot:
+            return base
+        spec = base.describe()
+        spec.update({k: v for k, v in groups.items() if v})
+        if by is not None:
+            spec["by"] = by
+        if overshoot:
+            spec["overshoot"] = True
+        return Budget.parse(spec)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from exc
+
+
 def _store_sets(folder: Path) -> dict[str, Path]:
     """Feature-set name -> folder for every set directly inside the store ``folder`` (sorted by folder)."""
     out: dict[str, Path] = {}
@@ -137,8 +182,15 @@ def select_files(
     scores: str | os.PathLike[str] | None = None,
     params: Mapping[str, Any] | None = None,
     seed: int = 0,
+    tokenizer: str | None = None,
 ) -> tuple[Selection, dict[str, Any]]:
     """Run selector ``name`` on a canonical parquet table and write the outputs to ``out_dir``.
+
+    ``tokenizer`` (a tokenizer folder, a cached Hub id or ``default``) counts every row's tokens
+    first (:func:`curate.curation.tokens.count_table`) into ``n_tokens`` / ``n_prompt_tokens`` /
+    ``n_response_tokens``, which token budgets then spend; the manifest's ``tokens`` block names
+    the tokenizer (or the column the counts came from, or ``approximate`` for the word estimate)
+    and the curated token count. Nothing is written when the budget's quotas cannot be met.
 
     Raises:
         RecipeError: unknown selector or parameter, bad budget or value (exit code 2 in the CLI).
@@ -161,6 +213,14 @@ def select_files(
     except ValueError as exc:
         raise RecipeError(str(exc)) from exc
     table = pl.read_parquet(input_path)
+    tok_name = None
+    if tokenizer is not None:
+        from curate.curation.tokens import COUNT_COLUMNS, count_table
+
+        counts, info = count_table(table, None if tokenizer == "default" else tokenizer)
+        tok_name = info["tokenizer"]
+        table = table.drop([c for c in (*COUNT_COLUMNS, "n_rejected_tokens") if c in table.columns]).join(
+            counts, on="uid", how="left", maintain_order="left")
     roles = sel.required_features()
     pool_roles = [r for r in roles if not r.startswith("target_") and r != "scores"]
     target_roles = [r for r in roles if r.startswith("target_")]
@@ -191,9 +251,13 @@ def select_files(
     for label, rs in (("features", pool_roles), ("target_features", target_roles), ("scores", ["scores"])):
         if label in inputs and any(r in used for r in rs):
             inputs[label]["sets"] = {r: used[r] for r in rs if r in used}
+    tokens = dict(res.diagnostics.get("tokens") or {})
+    if tokens:
+        tokens["tokenizer"] = tok_name or (None if tokens["approximate"] else f"counted ({tokens['counted_by']})")
     manifest = {
         "command": "select", "selector": name, "params": res.params, "budget": bud.describe(), "seed": seed,
         "inputs": inputs, "n_rows": table.height, "n_kept": res.n_kept, "diagnostics": res.diagnostics,
+        **({"tokens": tokens} if tokens else {}),
         "outputs": ["curated.parquet", "rejected.parquet", "selection.parquet", "manifest.json"],
     }
     write_json(manifest, out / "manifest.json")

@@ -38,9 +38,9 @@ class SelectorStep:
         owner = f"step '{self.selector_cls.name}'"
         try:
             budget = Budget.parse(self.budget)  # type: ignore[attr-defined]
-        except ValueError as exc:
-            raise param_error(owner, "budget", "an int >= 1, a float in (0, 1] or {n|fraction|tokens: v}",
-                              self.budget) from exc  # type: ignore[attr-defined]
+        except ValueError as exc:  # keep the specific rule (e.g. ratios that do not sum to 1)
+            raise param_error(owner, "budget", f"an int >= 1, a float in (0, 1] or {{n|fraction|tokens: v, by: ..., "
+                              f"ratios | min | max: ...}} ({exc})", self.budget) from exc  # type: ignore[attr-defined]
         feats = self.features  # type: ignore[attr-defined]
         if feats is not None and (
             not isinstance(feats, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in feats.items())
@@ -91,6 +91,9 @@ def make_step(cls: type[BaseSelector]) -> type:
         f"{cls.__name__}Step", fields, bases=(SelectorStep,), frozen=True, kw_only=True,
         namespace={
             "selector_cls": cls,
+            # the selector's file parameters resolve against the recipe folder (curate.pipeline.recipe)
+            "path_params": getattr(cls, "path_params", ()),
+            "path_or_name_params": getattr(cls, "path_or_name_params", ()),
             "__post_init__": lambda self: self._validate(),
             "__doc__": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else cls.name,
             "__module__": __name__,

@@ -79,3 +79,10 @@ def test_kind_filter():
     out = build_step("kind_filter", {"kinds": ["sft"]}).apply(t, StepContext())
     assert out["keep"].to_list() == [True, True, True, False]
     assert "target" in out["reason"][3]
+
+
+def test_recipe_built_in_python_keeps_step_paths_as_written(tmp_path):
+    """Only a recipe read from a file (``base`` given) resolves step paths against its folder."""
+    raw = _raw(steps=[{"use": "export", "path": "out/x.jsonl"}])
+    assert parse_recipe(raw).steps[0].params["path"] == "out/x.jsonl"
+    assert parse_recipe(raw, base=tmp_path).steps[0].params["path"] == str(tmp_path / "out" / "x.jsonl")

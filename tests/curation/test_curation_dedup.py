@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import polars as pl
@@ -108,3 +109,52 @@ def test_semantic_step_hashing_model(tmp_path):
     assert pl.read_parquet(tmp_path / "clusters.parquet").height == 2
     with pytest.raises(ParameterError, match="'eps' parameter of SemanticDedup"):
         SemanticDedup(eps=0)
+
+
+def test_dedup_cli_cluster_table_and_report_merged_pairs(tmp_path):
+    """`curate dedup --minhash` on short rows with one-word edits: each dropped row names the row it
+    matched with the exact Jaccard of that link, and the report samples the merged pairs by band."""
+    from click.testing import CliRunner
+
+    from curate.curation._common import jaccard, shingle_strings
+    from curate.curation.cli import dedup
+    from curate.report.render import build_report
+    from curate.report.stats import merged_pairs
+    from curate.schema import dedupe_uids, texts
+
+    base = ["Please write a short poem about the river and the quiet evening sky over town",
+            "Explain why the quiet ocean looks blue on a clear summer day to a child",
+            "List three quiet hobbies that help people relax after a long working week",
+            "Describe how a quiet desert changes between the cold night and the hot noon"]
+    edits = [b.replace("quiet", "calm") for b in base] + [b.replace("quiet ", "") for b in base]
+    rows = [_sft("", t, k) for k, t in enumerate(base + edits)]
+    dedupe_uids(rows)
+    src = tmp_path / "in.parquet"
+    table = to_frame(rows)
+    table.write_parquet(src)
+    out_dir = tmp_path / "d"
+    res = CliRunner().invoke(dedup, [str(src), "-o", str(out_dir), "--minhash", "--field", "response", "--json"])
+    assert res.exit_code == 0, res.output
+    clusters = pl.read_parquet(out_dir / "clusters.parquet")
+    dropped = clusters.filter(~pl.col("kept"))
+    assert dropped.height == 8  # every edited copy; the four distinct base rows are kept
+    text = dict(zip(table["uid"].to_list(), texts(table, "response")))
+    for row in dropped.iter_rows(named=True):
+        want = jaccard(shingle_strings(text[row["uid"]], ngram=2), shingle_strings(text[row["matched"]], ngram=2))
+        assert row["similarity"] == pytest.approx(want)  # exact Jaccard of the link, not an estimate
+        assert "2-grams" in row["measure"]
+    # --short-words 0 is the one-pass word-5-gram rule: these rows are too short for it.
+    res = CliRunner().invoke(dedup, [str(src), "-o", str(tmp_path / "d0"), "--minhash", "--field", "response",
+                                     "--short-words", "0", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output.splitlines()[-1])["rows"]["rejected"] == 0
+    from curate.report.stats import load_run_data
+
+    bands = merged_pairs(load_run_data(out_dir).rows, "minhash_dedup", per_band=2)
+    shown = dict(zip(table["uid"].to_list(), texts(table, "prompt+response")))
+    assert sum(b["count"] for b in bands) == 8
+    for b in bands:
+        assert 1 <= len(b["pairs"]) <= 2
+        for p in b["pairs"]:
+            assert p["matched_text"] == shown[p["matched"]] and p["text"] == shown[p["uid"]]
+    html = build_report(out_dir).html
+    assert "Merged pairs by similarity" in html

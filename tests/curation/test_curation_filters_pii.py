@@ -51,8 +51,8 @@ def test_identical_pair_and_disabled_rules():
 def test_filter_params_validated():
     with pytest.raises(ParameterError, match="'max_repeat_ratio' parameter of HeuristicFilter"):
         HeuristicFilter(max_repeat_ratio=2)
-    with pytest.raises(ParameterError, match="tokenizer"):
-        HeuristicFilter(max_tokens=10)
+    with pytest.raises(ParameterError, match="tokenizer"):  # a token bound needs counts or a tokenizer
+        HeuristicFilter(max_tokens=10).apply(to_frame([_sft("Explain photosynthesis.", GOOD)]), StepContext())
     assert HeuristicFilter().apply(to_frame([_sft("Explain photosynthesis.", GOOD)]), StepContext())["keep"][0]
 
 

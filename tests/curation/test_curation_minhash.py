@@ -125,7 +125,8 @@ def test_identity_short_rows(data_dir):
         sets = [shingle_strings(t, shingle=shingle, ngram=5) for t in texts(table, field)]
         exact = _exact_components(sets, 0.7)
         assert len(exact) - len(set(exact)) == measured  # the issue's measured numbers (exact Jaccard)
-        out = minhash_duplicates(table, field=field, shingle=shingle, ngram=5, threshold=0.7, num_perm=256, seed=2)
+        out = minhash_duplicates(table, field=field, shingle=shingle, ngram=5, threshold=0.7, num_perm=256, seed=2,
+                                 short_words=0)  # the one-pass rule these numbers describe
         got = out["cluster_id"].to_list()
         # MinHash sits between exact clusters at 0.8 and at 0.6 (pairs at 0.6875 are borderline).
         assert _refines(_exact_components(sets, 0.8), got)
@@ -138,13 +139,78 @@ def test_step_writes_cluster_table(tmp_path):
     ctx = StepContext(seed=0, step_dir=tmp_path)
     out = step.apply(table, ctx)
     clusters = pl.read_parquet(tmp_path / "clusters.parquet")
-    assert set(clusters.columns) == {"uid", "cluster_id", "kept", "similarity", "cluster_size"}
+    assert set(clusters.columns) == {"uid", "cluster_id", "kept", "matched", "similarity", "measure", "cluster_size"}
+    dropped = clusters.filter(~pl.col("kept"))
+    assert dropped["matched"].is_not_null().all() and (dropped["similarity"] >= 0.7).all()
     assert clusters.height == 20 and clusters["kept"].sum() == 10
     assert ctx.stats["minhash_dedup"]["n_duplicates"] == int((~out["keep"]).sum()) == 10
 
 
 @pytest.mark.parametrize("bad", [{"threshold": 0.0}, {"threshold": 1.5}, {"ngram": 0}, {"shingle": "byte"},
-                                 {"num_perm": 1}, {"field": "nope"}])
+                                 {"num_perm": 1}, {"field": "nope"}, {"short_words": -1}, {"short_ngram": 0},
+                                 {"short_threshold": 0.0}, {"short_words": True}, {"short_edits": -1}])
 def test_bad_parameters(bad):
     with pytest.raises(ParameterError, match="MinHashDedup"):
         MinHashDedup(**bad)
+
+
+def _short_long_pool(seed: int = 0) -> tuple[pl.DataFrame, list[tuple[int, int]], list[tuple[int, int]]]:
+    """Short rows (8-30 words) with one-word edited copies, their word-shuffled variants, and long
+    rows (110 words) in pairs that share an 80-word passage but not their 30-word endings.
+
+    Returns the table, the planted duplicate pairs and the planted non-duplicate pairs.
+    """
+    rng = random.Random(seed)
+    vocab = iter(f"w{i}" for i in rng.sample(range(10**6), 20000))
+    rows: list[str] = []
+    dups, nondups = [], []
+    for k in range(40):
+        words = [next(vocab) for _ in range(8 + k % 23)]
+        edit = words.copy()
+        i = len(words) // 2 - rng.randrange(2)  # mid-row: an edit there touches the most 5-grams
+        if k % 3 == 0:
+            edit[i] = next(vocab)  # substitution
+        elif k % 3 == 1:
+            edit.insert(i, next(vocab))  # insertion
+        else:
+            del edit[i]  # deletion
+        shuffled = words.copy()
+        while shuffled == words:
+            rng.shuffle(shuffled)
+        base = len(rows)
+        rows += [" ".join(words), " ".join(edit), " ".join(shuffled)]
+        dups.append((base, base + 1))
+        nondups += [(base, base + 2), (base + 1, base + 2)]
+    for _ in range(15):
+        shared = [next(vocab) for _ in range(80)]
+        base = len(rows)
+        rows += [" ".join(shared + [next(vocab) for _ in range(30)]) for _ in range(2)]
+        nondups.append((base, base + 1))
+    table = to_frame([_sft("", r, source="pool.jsonl", source_line=i) for i, r in enumerate(rows)])
+    return table, dups, nondups
+
+
+def test_default_catches_one_word_edits_of_short_rows_not_long_overlaps():
+    table, dups, nondups = _short_long_pool()
+    docs = texts(table, "response")
+    for i, j in dups:  # what makes them hard for word 5-grams: exact word-5 Jaccard well below 0.8
+        assert jaccard(shingle_strings(docs[i], ngram=5), shingle_strings(docs[j], ngram=5)) < 0.8
+    for i, j in nondups[-15:]:  # long overlaps: word-2 Jaccard above the short pass's threshold
+        assert jaccard(shingle_strings(docs[i], ngram=2), shingle_strings(docs[j], ngram=2)) > 0.5
+
+    def found(out: pl.DataFrame, pairs: list[tuple[int, int]]) -> float:
+        cid = out["cluster_id"].to_list()
+        return sum(cid[i] == cid[j] for i, j in pairs) / len(pairs)
+
+    out = minhash_duplicates(table, field="response", seed=1)
+    assert found(out, dups) == 1.0  # short-row recall
+    assert found(out, nondups) == 0.0  # shuffled variants and long overlapping rows stay apart
+    dropped = out.filter(~pl.col("keep"))
+    assert dropped.height == len(dups)
+    assert dropped["measure"].str.contains("word 2-grams").all()
+    assert dropped["reason"].str.contains("matched").all()
+    # The one-pass word-5 rule (the earlier default) misses most of them.
+    assert found(minhash_duplicates(table, field="response", seed=1, short_words=0), dups) < 0.5
+    # Row order and sharding do not change the clusters.
+    perm = minhash_duplicates(table.reverse(), field="response", seed=1, shard_size=7).sort("uid")
+    assert perm.equals(out.sort("uid"))

@@ -12,10 +12,10 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_on_hh_rlhf_pairs(data_dir):
     torch.set_num_threads(2)
+    from curate.features.ches_states import ches_table, encode_pairs, pair_states, response_states
     from curate.features.lm import load_causal_lm
     from curate.io import read_sources
     from curate.preference.diagnostics import ref_margin
-    from curate.selectors.ches import ches_table, encode_pairs, pair_states, response_states
 
     table = read_sources([data_dir / "hh-rlhf" / "harmless-base_test.jsonl.gz"]).table.head(4)
     model, tok = load_causal_lm("default", device="cpu", attn_implementation="sdpa")
@@ -48,8 +48,8 @@ def test_likelihood_displacement_is_larger_for_high_ches_pairs():
     Thresholds uncalibrated beyond the sign of the mean over seeds (spec §6.8 says calibrate first).
     """
     torch.set_num_threads(2)
+    from curate.features.ches_states import SideIds, ches_table, pair_states
     from curate.features.tiny import tiny_llama
-    from curate.selectors.ches import SideIds, ches_table, pair_states
 
     deltas = {"top": [], "bottom": []}
     for seed in range(3):

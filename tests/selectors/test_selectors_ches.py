@@ -9,10 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(2)
 
-from curate.features.store import FeatureSet  # noqa: E402
-from curate.features.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer  # noqa: E402
-from curate.selectors.ches import (  # noqa: E402
-    ChesSelector,
+from curate.features.ches_states import (  # noqa: E402
     SideIds,
     ches_from_states,
     ches_from_sums,
@@ -22,6 +19,9 @@ from curate.selectors.ches import (  # noqa: E402
     response_states,
     response_stats,
 )
+from curate.features.store import FeatureSet  # noqa: E402
+from curate.features.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer  # noqa: E402
+from curate.selectors.ches import ChesSelector  # noqa: E402
 from curate.testing import check_selector  # noqa: E402
 
 RNG = np.random.default_rng(0)

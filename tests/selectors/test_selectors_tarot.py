@@ -221,3 +221,76 @@ def test_selectors_tarot_lowrank_whitening_at_full_rank_is_full_whitening() -> N
     rot = np.linalg.qr(rng.normal(size=(5, 5)))[0]
     rd, rq = lowrank_whiten(pool @ rot, tgt @ rot, rank=2)
     assert np.allclose(rd @ rq.T, ld2 @ lq2.T, atol=1e-8)
+
+
+def _tie_break_problem(seed: int, budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The cost matrix of the fixed-size tie-break on the planted problem (new rows of the layer that overflows)."""
+    pool, _, tgt = tarot_modes(seed=seed)
+    zd, zq = whiten(pool, tgt)
+    table, _ = knn_table(zd, zq, 40)
+    taken = np.zeros(len(zd), dtype=bool)
+    for r in range(table.shape[1]):
+        col = table[:, r]
+        _, first = np.unique(col, return_index=True)
+        new = col[np.sort(first)]
+        new = new[~taken[new]]
+        if taken.sum() + len(new) > budget:
+            break
+        taken[new] = True
+    a, b = np.full(len(new), 1 / len(new)), np.full(len(zq), 1 / len(zq))
+    return a, b, euclid_cost(zd[new], zq)
+
+
+def test_selectors_tarot_truncated_sinkhorn_has_the_dense_iterates() -> None:
+    """Kernel truncation drops only terms below e^-40 of their row's (column's) largest: same iterates."""
+    from curate.selectors.tarot import sinkhorn_log, sinkhorn_log_truncated
+
+    a, b, c = _tie_break_problem(0, 200)
+    for eps, warm in ((1e-3, None), (4e-3, (np.full(len(a), 3.0), np.full(len(b), -2.0)))):
+        u0, v0, e0 = sinkhorn_log(a, b, c, eps, max_iter=300, tol=0.0, warm=warm)
+        u1, v1, e1 = sinkhorn_log_truncated(a, b, c, eps, max_iter=300, tol=0.0, warm=warm, dense_above=1.0)
+        assert np.allclose(u0, u1, rtol=0, atol=1e-9) and np.allclose(v0, v1, rtol=0, atol=1e-9)
+        assert e1 == pytest.approx(e0, rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:tarot. Sinkhorn")
+def test_selectors_tarot_truncated_potentials_are_the_fixed_point() -> None:
+    """The truncated solve + Newton meets both marginals to 1e-10 at ε = 1e-3 (the dense solver stops at
+    2000 iterations with errors near 1e-3 here), and equals the dense solver where that one converges."""
+    a, b, c = _tie_break_problem(4, 150)
+
+    def residual(f, g, eps):
+        p = a[:, None] * b[None, :] * np.exp((f[:, None] + g[None, :] - c) / eps)
+        return np.abs(p.sum(1) - a).sum() + np.abs(p.sum(0) - b).sum()
+
+    _, f, g = entropic_ot(a, b, c, 1e-3, truncated=True)
+    assert residual(f, g, 1e-3) < 1e-10
+    _, f0, g0 = entropic_ot(a, b, c, 1e-3)
+    assert residual(f0, g0, 1e-3) > 1e-6  # what the old tie-break ranked by
+    v0, f0, _ = entropic_ot(a, b, c, 0.05, tol=1e-13, max_iter=20000)
+    v1, f1, _ = entropic_ot(a, b, c, 0.05, truncated=True)
+    assert v1 == pytest.approx(v0, abs=1e-10)
+    assert np.allclose(f1 - f1.mean(), f0 - f0.mean(), atol=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore:tarot. Sinkhorn")
+def test_selectors_tarot_same_picks_as_the_dense_solver() -> None:
+    """Where the dense solver's potentials are accurate enough to decide the cut (planted seeds 0, 2, 4 at
+    B = 200: error below the gap between the last kept and first dropped potential), the fast solver
+    keeps the same rows."""
+    for seed in (0, 2, 4):
+        pool, _, tgt = tarot_modes(seed=seed)
+        fast = _run(TarotSelector(), pool, tgt, 200)
+        ref = _run(TarotSelector(ot_solver="dense"), pool, tgt, 200)
+        assert "kept_tie_break" in set(fast.frame["reason"].to_list())
+        assert sorted(fast.kept_uids) == sorted(ref.kept_uids), seed
+
+
+def test_selectors_tarot_partial_top_k_is_the_stable_sort_prefix() -> None:
+    from curate.selectors.tarot import _top_k_stable
+
+    rng = np.random.default_rng(7)
+    for trial in range(40):  # odd trials: many ties at the threshold
+        s = rng.integers(0, 4, size=(6, 25)).astype(float) if trial % 2 else rng.normal(size=(6, 25))
+        k = int(rng.integers(1, 26))
+        assert np.array_equal(_top_k_stable(s, k), np.argsort(-s, axis=1, kind="stable")[:, :k])

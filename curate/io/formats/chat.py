@@ -134,10 +134,10 @@ def _trl_detect(obj: Any) -> bool:
         return False
     if "chosen_messages" in obj and "rejected_messages" in obj:
         return True
+    if "prompt" in obj and ("chosen" in obj or "rejected" in obj):
+        return True  # a missing side is then a row error, never a prompt-only target
     if "chosen" not in obj or "rejected" not in obj:
         return False
-    if "prompt" in obj:
-        return True
     return isinstance(obj["chosen"], list)  # implicit prompt: full conversations
 
 

@@ -216,6 +216,9 @@ def _instructions_detect(obj: Any) -> bool:
 def _instructions(obj: Any, ctx: Ctx) -> list[dict[str, Any]]:
     """Instruction-only rows (WizardLM test set ``Instruction``, or ``instruction``/``prompt``) -> targets."""
     obj = need_dict(obj, ctx)
+    for side, other in (("chosen", "rejected"), ("rejected", "chosen")):
+        if side in obj:  # half a preference pair: reading it as a prompt would drop the reply silently
+            need(obj, other, ctx, (str, list), f"'{other}' beside '{side}' (a preference pair)")
     key = next((k for k in _INSTR_KEYS if k in obj), "instruction")
     text = need(obj, key, ctx)
     inp = opt(obj, "input", ctx)

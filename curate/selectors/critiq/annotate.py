@@ -3,7 +3,9 @@
 Length-bucketed random pairing (render prompt + response, cut to ``max_data_chars``, sort by
 length with ties by uid, ``n_buckets`` equal-count buckets, seeded shuffle within each bucket,
 consecutive rows paired, ``n_pairs`` drawn uniformly), then every pair is judged by every
-criterion and labelled by majority vote; pairs whose vote is None are dropped.
+criterion and labelled by majority vote; pairs whose vote is None are dropped. By default every
+judgment is asked in both orders and only verdicts that survive the swap vote
+(curate.selectors.critiq.swap): a judge that always answers "A" then labels nothing.
 
 Deviations: the reference script's ``--max_data_chars 0`` default empties every text; we use
 20,000. How the paper groups by length is unverified; equal-count buckets are our reading.
@@ -21,7 +23,8 @@ import polars as pl
 from curate.errors import SchemaError, param_error
 from curate.schema import texts
 from curate.selectors.critiq.flow import Criterion, Pair, judge_pairs, majority_vote
-from curate.selectors.critiq.judge import JudgeSession
+from curate.selectors.critiq.judge import JudgeError, JudgeSession
+from curate.selectors.critiq.swap import PositionLog
 
 PAIRS_SCHEMA = {"a_uid": pl.Utf8, "b_uid": pl.Utf8, "label": pl.Utf8, "winner_uid": pl.Utf8, "loser_uid": pl.Utf8,
                 "n_a": pl.Int64, "n_b": pl.Int64, "n_none": pl.Int64, "n_invalid": pl.Int64}
@@ -79,17 +82,23 @@ def make_pairs(uids: Sequence[str], rendered: Sequence[str], *, n_pairs: int | N
 
 def annotate_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], worker: JudgeSession, *,
                    voting_threshold: int = 0, temperature: float = 0.0, max_tokens: int = 1024,
-                   max_workers: int = 4, seed: int = 0, guided_choice: bool = False) -> pl.DataFrame:
+                   max_workers: int = 4, seed: int = 0, guided_choice: bool = False, swap: bool = True,
+                   log: PositionLog | None = None) -> pl.DataFrame:
     """Judge every pair by every criterion; the label is the majority vote; None labels dropped.
     ``guided_choice`` restricts worker replies to the valid answers (see :func:`judge_pairs`).
+    ``swap`` asks both orders and counts only consistent verdicts (an order-dependent one is an
+    abstention, ``n_none``); ``log`` receives the position-bias counts. A judge answering one
+    letter in more than 90% of calls raises a ``UserWarning``.
 
     Returns:
         ``a_uid, b_uid, label (A|B), winner_uid, loser_uid, n_a, n_b, n_none, n_invalid``.
     """
     if not criteria:
         raise param_error("annotate", "criteria", "a non-empty list", list(criteria))
+    log = PositionLog(swap, worker.name) if log is None else log
     res = judge_pairs(worker, list(criteria), pairs, temperature=temperature, max_tokens=max_tokens, seed=seed,
-                      max_workers=max_workers, phase="annotate", guided_choice=guided_choice)
+                      max_workers=max_workers, phase="annotate", guided_choice=guided_choice, swap=swap, log=log)
+    log.warn()
     names = sorted(res)
     rows = []
     for i, p in enumerate(pairs):
@@ -105,6 +114,24 @@ def annotate_pairs(pairs: Sequence[Pair], criteria: Sequence[Criterion], worker:
             "n_none": sum(r.status == "abstain" for r in rs), "n_invalid": sum(r.status == "invalid" for r in rs),
         })
     return pl.DataFrame(rows, schema=PAIRS_SCHEMA)
+
+
+def check_labelled(pairs: pl.DataFrame, worker: JudgeSession, n_criteria: int, *, swap: bool = True) -> None:
+    """Refuse an annotation that labelled no pair: the judge's replies were all ties, abstentions,
+    order-dependent (``swap``: two calls per pair and criterion) or unparseable, and a scorer
+    trained on nothing would select at random while looking fine.
+
+    Raises:
+        JudgeError: ``pairs`` is empty (the message gives the call counts to look at).
+    """
+    if pairs.height:
+        return
+    calls = worker.stats.as_dict().get("annotate", {})
+    judged = calls.get("first", 0) // (max(n_criteria, 1) * (2 if swap else 1))
+    raise JudgeError(f"the judge '{worker.name}' labelled 0 of {judged} pairs: every pair's votes were tied, "
+                     f"abstained{', changed with the order of the texts' if swap else ''} or unparseable "
+                     f"(calls: {calls}). Check the judge model and its replies "
+                     "(--guided-choice helps small models); nothing was written.")
 
 
 def annotate_table(table: pl.DataFrame, criteria: Sequence[Criterion], worker: JudgeSession, *,

@@ -16,7 +16,7 @@ import click
 import polars as pl
 
 from curate.schema import TEXT_FIELDS, texts, validate_table
-from curate.selectors.critiq.annotate import human_pairs, render_pair_texts  # noqa: F401  (benchmarks import render_pair_texts from here)
+from curate.selectors.critiq.annotate import check_labelled, human_pairs, render_pair_texts  # noqa: F401  (benchmarks import render_pair_texts from here)
 from curate.selectors.critiq.judge import open_session
 
 
@@ -25,6 +25,12 @@ def _read(path: str) -> pl.DataFrame:
     if not p.exists():
         raise FileNotFoundError(f"input not found: {path}.")
     return validate_table(pl.read_parquet(p), name=path)
+
+
+def _warn_lines(report: dict[str, Any]) -> None:
+    """The position-bias warnings of a run, loudly on stderr (stdout keeps the JSON summary last)."""
+    for msg in report.get("warnings", []):
+        click.echo(f"WARNING: {msg}", err=True)
 
 
 def _emit(as_json: bool, summary: dict[str, Any]) -> None:
@@ -40,8 +46,12 @@ common = [
     click.option("--judge-model", default="smollm2-135m-instruct", show_default=True, help="Worker model name."),
     click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True, help="Env variable with the API key."),
     click.option("--cache", "cache", default=".curate_cache/judge.sqlite", show_default=True,
-                 help="SQLite cache of judge replies."),
+                 help="SQLite cache of judge replies ('' for none)."),
     click.option("--concurrency", default=4, show_default=True, type=int, help="Worker calls in flight."),
+    click.option("--timeout", "timeout_s", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                 help="Seconds to wait for one judge reply."),
+    click.option("--retries", default=5, show_default=True, type=click.IntRange(min=0),
+                 help="Retries of a judge request after 429/5xx, a malformed reply, a timeout or a refused connection."),
     click.option("--seed", default=0, show_default=True, type=int),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON summary as the last line."),
 ]
@@ -91,28 +101,33 @@ def critiq() -> None:
 @click.option("--max-tokens", default=1024, show_default=True, type=int, help="Worker reply length.")
 @click.option("--guided-choice", is_flag=True,
               help="Restrict worker replies to the valid JSON answers (vLLM guided_choice; `curate judge serve` has it).")
+@click.option("--swap/--no-swap", default=False, show_default=True,
+              help="Ask every worker judgment in both orders; only verdicts that survive the swap count.")
 @_with(common)
 def mine_cmd(pairs_path: str, output: str, manager_url: str | None, manager_model: str | None, kb_path: str | None,
-             epochs: int, n_criteria: int, max_llm_calls: int | None, max_tokens: int, guided_choice: bool,
-             judge_url: str, judge_model: str, api_key_env: str, cache: str, concurrency: int, seed: int,
-             as_json: bool) -> None:
+             epochs: int, n_criteria: int, max_llm_calls: int | None, max_tokens: int, guided_choice: bool, swap: bool,
+             judge_url: str, judge_model: str, api_key_env: str, cache: str, concurrency: int, timeout_s: float,
+             retries: int, seed: int, as_json: bool) -> None:
     """Run the CritiQ Flow on ~30 human preference pairs and write the criteria JSON."""
     from curate.selectors.critiq.flow import CritiQFlow, FlowConfig
     from curate.selectors.critiq.kb import load_kb
 
     t0 = time.time()
     pairs = human_pairs(_read(pairs_path))
-    worker = open_session(judge_url, judge_model, cache, api_key_env, concurrency)
-    manager = open_session(manager_url or judge_url, manager_model or judge_model, cache, api_key_env, 1)
+    worker = open_session(judge_url, judge_model, cache or None, api_key_env, concurrency, timeout_s=timeout_s, retries=retries)
+    manager = open_session(manager_url or judge_url, manager_model or judge_model, cache or None, api_key_env, 1,
+                           timeout_s=timeout_s, retries=retries)
     kb = [] if kb_path == "none" else load_kb(kb_path)
     cfg = FlowConfig(n_criteria=n_criteria, epochs=epochs, max_llm_calls=max_llm_calls, seed=seed,
-                     max_workers=concurrency, worker_max_tokens=max_tokens, worker_guided_choice=guided_choice)
+                     max_workers=concurrency, worker_max_tokens=max_tokens, worker_guided_choice=guided_choice,
+                     swap=swap)
     log = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
     res = CritiQFlow(worker, manager, cfg, kb=kb, log=log).run(pairs)
     res.save(output)
+    _warn_lines(res.position_bias)
     _emit(as_json, {"output": output, "n_pairs": len(pairs), "n_criteria": len(res.criteria),
                     "criteria": [c.name for c in res.criteria], "vote_accuracy": res.vote_accuracy,
-                    "calls": res.calls, "seconds": round(time.time() - t0, 2)})
+                    "calls": res.calls, "position_bias": res.position_bias, "seconds": round(time.time() - t0, 2)})
 
 
 @critiq.command("annotate")
@@ -124,24 +139,30 @@ def mine_cmd(pairs_path: str, output: str, manager_url: str | None, manager_mode
 @click.option("--max-tokens", default=1024, show_default=True, type=int)
 @click.option("--guided-choice", is_flag=True,
               help="Restrict worker replies to the valid JSON answers (vLLM guided_choice; `curate judge serve` has it).")
+@click.option("--swap/--no-swap", default=True, show_default=True,
+              help="Ask every judgment in both orders; only verdicts that survive the swap label a pair.")
 @_with(common)
 def annotate_cmd(in_path: str, criteria_path: str, output: str, n_pairs: int | None, n_buckets: int, max_tokens: int,
-                 guided_choice: bool, judge_url: str, judge_model: str, api_key_env: str, cache: str, concurrency: int, seed: int,
-                 as_json: bool) -> None:
+                 guided_choice: bool, swap: bool, judge_url: str, judge_model: str, api_key_env: str, cache: str, concurrency: int,
+                 timeout_s: float, retries: int, seed: int, as_json: bool) -> None:
     """Label length-bucketed random pairs of a pool by majority vote over the criteria (resumable)."""
     from curate.io.writers import write_parquet
     from curate.selectors.critiq.annotate import annotate_table
     from curate.selectors.critiq.flow import load_criteria
+    from curate.selectors.critiq.swap import PositionLog
 
     t0 = time.time()
     table = _read(in_path)
     criteria = load_criteria(criteria_path)
-    worker = open_session(judge_url, judge_model, cache, api_key_env, concurrency)
+    worker = open_session(judge_url, judge_model, cache or None, api_key_env, concurrency, timeout_s=timeout_s, retries=retries)
+    log = PositionLog(swap, worker.name)
     out = annotate_table(table, criteria, worker, n_pairs=n_pairs, n_buckets=n_buckets, seed=seed,
-                         max_workers=concurrency, max_tokens=max_tokens, guided_choice=guided_choice)
+                         max_workers=concurrency, max_tokens=max_tokens, guided_choice=guided_choice, swap=swap, log=log)
+    _warn_lines(log.report())
+    check_labelled(out, worker, len(criteria), swap=swap)
     write_parquet(out, output)
     _emit(as_json, {"output": output, "n_labelled": out.height, "n_criteria": len(criteria),
-                    "calls": worker.stats.as_dict(), "seconds": round(time.time() - t0, 2)})
+                    "calls": worker.stats.as_dict(), "position_bias": log.report(), "seconds": round(time.time() - t0, 2)})
 
 
 @critiq.command("score")

@@ -103,6 +103,39 @@ class GuidedRule(RuleJudge):
         return next(c for c in choices if json.loads(c)["answer"] == vote)
 
 
+class PositionJudge:
+    """Worker backend with a pure position bias: answers ``letter`` whatever the texts (what a
+    small local judge did on real pairs). Counts its calls."""
+
+    def __init__(self, letter: str = "A") -> None:
+        self.letter = letter
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
+        with self._lock:
+            self.calls += 1
+        return json.dumps({"thought": "first is best", "answer": self.letter})
+
+
+class ContentJudge:
+    """Backend that answers by content only, for worker and single-prompt judges alike: the text
+    with more of (docstring, type hints) wins; a tie is "None" for a worker and, for the
+    single-prompt judge that must choose, the text with the smaller hash (order-free)."""
+
+    def __call__(self, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
+        m = _TEXT_RE.search(messages[-1]["content"])
+        a, b = (m["a"], m["b"]) if m else ("", "")
+        fa, fb = has_docstring(a) + has_type_hints(a), has_docstring(b) + has_type_hints(b)
+        if fa != fb:
+            ans = "A" if fa > fb else "B"
+        elif parse_worker_prompt(messages) is not None or a == b:
+            ans = "None"
+        else:
+            ans = "A" if _h("tie", a) < _h("tie", b) else "B"
+        return json.dumps({"thought": f"{fa} vs {fb}", "answer": ans})
+
+
 DEFAULT_POOL: tuple[tuple[str, str], ...] = (
     ("naming", "Prefer functions whose names describe what they do."),
     ("brevity", "Prefer the shorter function."),

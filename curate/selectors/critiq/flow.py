@@ -12,16 +12,17 @@ name, never by completion order; a final parse failure is an ``invalid`` result;
 broken by name, not at random; the A/B swap stream is seeded by ``seed`` rather than a fixed
 constant. Optional (off by default): workers may be asked with ``guided_choice`` — the reply is
 restricted to ``{"answer": "A"}``, ``{"answer": "B"}`` or ``{"answer": "None"}`` (no thought) — so
-that a small local judge that cannot write the JSON contract still gives valid votes.
+that a small local judge that cannot write the JSON contract still gives valid votes. Also optional:
+``swap`` asks every worker judgment in both orders and keeps only the verdicts that survive the
+swap (:mod:`curate.selectors.critiq.swap`); the run's position-bias report is
+``FlowResult.position_bias``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,40 +38,20 @@ from curate.selectors.critiq.judge import (
     parse_reflection,
     parse_worker,
 )
-
-INVALID = WorkerResult(None, "invalid", "", "")
-# The replies a guided worker may give (vLLM ``guided_choice``); the single-prompt judge must choose.
-WORKER_CHOICES = ('{"answer": "A"}', '{"answer": "B"}', '{"answer": "None"}')
-SINGLE_CHOICES = WORKER_CHOICES[:2]
-
-
-# --------------------------------------------------------------------------- data types
-@dataclass(frozen=True)
-class Pair:
-    """Two texts and which one is better (``answer`` "A" or "B")."""
-
-    a_id: str
-    b_id: str
-    text_a: str
-    text_b: str
-    answer: str
-
-    def swapped(self) -> Pair:
-        return Pair(self.b_id, self.a_id, self.text_b, self.text_a, "B" if self.answer == "A" else "A")
-
-
-@dataclass
-class Criterion:
-    """A named criterion; ``version`` counts refinements; ``accuracy`` None until evaluated."""
-
-    name: str
-    description: str
-    version: int = 0
-    accuracy: float | None = None
-    all_abstained: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from curate.selectors.critiq.prompts import (  # noqa: F401  (re-exported: the public names have always lived here)
+    MANAGER_SYSTEM,
+    SINGLE_CHOICES,
+    WORKER_CHOICES,
+    WORKER_SYSTEM,
+    Criterion,
+    Pair,
+    _cut,
+    _texts_block,
+    parse_worker_prompt,
+    single_prompt_messages,
+    worker_messages,
+)
+from curate.selectors.critiq.swap import PositionLog, ask_in_orders
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +75,9 @@ class FlowConfig:
         seed: A/B swap stream and the manager's sampling seed.
         worker_guided_choice: ask workers with ``guided_choice=WORKER_CHOICES`` (the endpoint must
             support it: vLLM, ``curate judge serve``); the manager always writes free text.
+        swap: ask every worker judgment in both orders and keep only verdicts that survive the
+            swap (curate.selectors.critiq.swap); doubles the worker calls. The manager gives no
+            A/B verdicts, so it has nothing to swap.
     """
 
     n_criteria: int = 20
@@ -113,6 +97,7 @@ class FlowConfig:
     max_workers: int = 4
     seed: int = 0
     worker_guided_choice: bool = False
+    swap: bool = False
 
     def __post_init__(self) -> None:
         o = "CritiQFlow"
@@ -132,70 +117,15 @@ class FlowConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 2.0:
                 raise param_error(o, name, "in [0, 2]", v)
+        for name in ("worker_guided_choice", "swap"):
+            if not isinstance(getattr(self, name), bool):
+                raise param_error(o, name, "true or false", getattr(self, name))
         m = self.max_llm_calls
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise param_error(o, "max_llm_calls", "an integer >= 1 or None", m)
 
 
-# --------------------------------------------------------------------------- prompts
-WORKER_SYSTEM = "You are a careful, impartial data-quality annotator. You reply with JSON only."
-MANAGER_SYSTEM = (
-    "You are an expert in data quality for training language models. You study pairs of texts judged "
-    "by humans and write verbal quality criteria that explain the human preferences."
-)
-_WORKER_RE = re.compile(
-    r"\[Criterion name\]\n(?P<name>.*?)\n\[Criterion description\]\n(?P<desc>.*?)\n\n"
-    r"\[Text A\]\n(?P<a>.*?)\n\[End of Text A\]\n\n\[Text B\]\n(?P<b>.*?)\n\[End of Text B\]",
-    re.S,
-)
-
-
-def _cut(text: str, n: int) -> str:
-    return text if len(text) <= n else text[:n] + " …[truncated]"
-
-
-def _texts_block(a: str, b: str) -> str:
-    return f"[Text A]\n{a}\n[End of Text A]\n\n[Text B]\n{b}\n[End of Text B]"
-
-
-def worker_messages(criterion: Criterion, pair: Pair, max_chars: int = 20000) -> list[dict[str, str]]:
-    """The stateless worker prompt for one (pair, criterion) (docs/methods/critiq.md §3 step 4)."""
-    user = (
-        "Compare two texts with respect to ONE quality criterion.\n\n"
-        f"[Criterion name]\n{criterion.name}\n[Criterion description]\n{criterion.description}\n\n"
-        f"{_texts_block(_cut(pair.text_a, max_chars), _cut(pair.text_b, max_chars))}\n\n"
-        "Which text is better with respect to this criterion? Answer \"None\" if the criterion does not "
-        "apply to these texts, if both are equally good, or if you are unsure.\n"
-        'Reply with only a JSON object: {"analysis_a": "...", "analysis_b": "...", "thought": "...", '
-        '"answer": "A" or "B" or "None"}'
-    )
-    return [{"role": "system", "content": WORKER_SYSTEM}, {"role": "user", "content": user}]
-
-
-def parse_worker_prompt(messages: list[dict[str, str]]) -> dict[str, str] | None:
-    """(name, desc, a, b) of a worker prompt made by :func:`worker_messages` (for test backends)."""
-    m = _WORKER_RE.search(messages[-1]["content"])
-    return None if m is None else m.groupdict()
-
-
-def single_prompt_messages(pair: Pair, criteria: Sequence[Criterion] | None = None,
-                           max_chars: int = 20000) -> list[dict[str, str]]:
-    """One prompt with every criterion (the "without voting" ablation) or, with no criteria, the
-    vanilla "which is better?" judge."""
-    if criteria:
-        crit = "\n".join(f"- {c.name}: {c.description}" for c in criteria)
-        head = f"Compare two texts using ALL of these quality criteria together.\n\n[Criteria]\n{crit}\n[End of Criteria]"
-    else:
-        head = "Compare two texts and decide which one is of higher quality overall."
-    user = (
-        f"{head}\n\n{_texts_block(_cut(pair.text_a, max_chars), _cut(pair.text_b, max_chars))}\n\n"
-        "Which text is better? You must choose A or B.\n"
-        'Reply with only a JSON object: {"analysis_a": "...", "analysis_b": "...", "thought": "...", '
-        '"answer": "A" or "B"}'
-    )
-    return [{"role": "system", "content": WORKER_SYSTEM}, {"role": "user", "content": user}]
-
-
+# --------------------------------------------------------------------------- manager prompts
 def _propose_text(k: int, taken: Sequence[str], rejected: Sequence[str] = ()) -> str:
     text = (
         f"TASK: propose {k}\nWrite {k} new data-quality criteria that explain the human preferences. Each "
@@ -304,50 +234,46 @@ def swap_pairs(pairs: Sequence[Pair], seed: int) -> list[Pair]:
 def judge_pairs(worker: JudgeSession, criteria: Sequence[Criterion], pairs: Sequence[Pair], *,
                 temperature: float = 0.0, max_tokens: int = 1024, seed: int | None = 0,
                 max_chars: int = 20000, max_workers: int = 4, phase: str = "judge",
-                guided_choice: bool = False) -> dict[str, list[WorkerResult]]:
-    """Every (pair, criterion) judged once; results assembled by (criterion name, pair index).
-    ``guided_choice`` restricts each reply to :data:`WORKER_CHOICES`.
+                guided_choice: bool = False, swap: bool = False,
+                log: PositionLog | None = None) -> dict[str, list[WorkerResult]]:
+    """Every (pair, criterion) judged once — or, with ``swap``, in both orders and reconciled
+    (:func:`~curate.selectors.critiq.swap.reconcile`: only a verdict that survives the swap counts,
+    an order-dependent one becomes ``abstain``); results assembled by (criterion name, pair
+    index). ``guided_choice`` restricts each reply to :data:`WORKER_CHOICES`; ``log`` collects the
+    position-bias counts per criterion.
 
     Raises the first :class:`~curate.selectors.critiq.judge.JudgeError` after cancelling calls not
     yet started; finished calls are already in the cache.
     """
-    jobs = [(c, i) for c in criteria for i in range(len(pairs))]
-    out: dict[str, list[WorkerResult]] = {c.name: [INVALID] * len(pairs) for c in criteria}
+    by_name = {c.name: c for c in criteria}
 
-    def one(job: tuple[Criterion, int]) -> WorkerResult:
-        c, i = job
-        parsed, raw = worker.ask_json(worker_messages(c, pairs[i], max_chars), parse_worker,
+    def one(name: str, i: int, swapped: bool) -> WorkerResult:
+        pair = pairs[i].swapped() if swapped else pairs[i]
+        parsed, raw = worker.ask_json(worker_messages(by_name[name], pair, max_chars), parse_worker,
                                       temperature=temperature, max_tokens=max_tokens, seed=seed, phase=phase,
                                       guided_choice=WORKER_CHOICES if guided_choice else None)
         return parsed if parsed is not None else WorkerResult(None, "invalid", "", raw)
 
-    with ThreadPoolExecutor(max_workers=max_workers) as ex:
-        futs = {ex.submit(one, job): job for job in jobs}
-        done, _ = wait(futs, return_when="FIRST_EXCEPTION")
-        failed = [f for f in done if f.exception() is not None]
-        if failed:
-            for f in futs:
-                f.cancel()
-            raise failed[0].exception()  # type: ignore[misc]
-        for f, (c, i) in futs.items():
-            out[c.name][i] = f.result()
-    return out
+    return ask_in_orders(one, [c.name for c in criteria], len(pairs), swap=swap, max_workers=max_workers, log=log)
 
 
 def judge_single_prompt(worker: JudgeSession, pairs: Sequence[Pair], criteria: Sequence[Criterion] | None = None, *,
                         temperature: float = 0.0, max_tokens: int = 1024, seed: int | None = 0,
                         max_chars: int = 20000, max_workers: int = 4, phase: str = "single_prompt",
-                        guided_choice: bool = False) -> list[WorkerResult]:
-    """One call per pair: all ``criteria`` in one prompt, or the vanilla judge when None.
-    ``guided_choice`` restricts each reply to :data:`SINGLE_CHOICES` (A or B)."""
-    def one(i: int) -> WorkerResult:
-        parsed, raw = worker.ask_json(single_prompt_messages(pairs[i], criteria, max_chars), parse_worker,
+                        guided_choice: bool = False, swap: bool = False,
+                        log: PositionLog | None = None) -> list[WorkerResult]:
+    """One call per pair (two with ``swap``, reconciled as in :func:`judge_pairs`; an
+    order-dependent verdict becomes ``abstain`` although the prompt demands A or B): all
+    ``criteria`` in one prompt, or the vanilla judge when None. ``guided_choice`` restricts each
+    reply to :data:`SINGLE_CHOICES` (A or B); ``log`` records under the name ``phase``."""
+    def one(_name: str, i: int, swapped: bool) -> WorkerResult:
+        pair = pairs[i].swapped() if swapped else pairs[i]
+        parsed, raw = worker.ask_json(single_prompt_messages(pair, criteria, max_chars), parse_worker,
                                       temperature=temperature, max_tokens=max_tokens, seed=seed, phase=phase,
                                       guided_choice=SINGLE_CHOICES if guided_choice else None)
         return parsed if parsed is not None else WorkerResult(None, "invalid", "", raw)
 
-    with ThreadPoolExecutor(max_workers=max_workers) as ex:
-        return list(ex.map(one, range(len(pairs))))
+    return ask_in_orders(one, [phase], len(pairs), swap=swap, max_workers=max_workers, log=log)[phase]
 
 
 def prediction_accuracy(results: Sequence[WorkerResult], pairs: Sequence[Pair]) -> float:
@@ -368,6 +294,7 @@ class FlowResult:
     validation: dict[str, Any] | None = None
     config: dict[str, Any] = field(default_factory=dict)
     judges: dict[str, str] = field(default_factory=dict)
+    position_bias: dict[str, Any] = field(default_factory=dict)
 
     def criteria_json(self) -> str:
         """The final criteria as canonical JSON (byte-stable across cached reruns)."""
@@ -383,6 +310,7 @@ class FlowResult:
             "calls": self.calls,
             "config": self.config,
             "judges": self.judges,
+            "position_bias": self.position_bias,
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -432,6 +360,7 @@ class CritiQFlow:
         self.config = config or FlowConfig()
         self.kb = [Criterion(n, d) for n, d in (kb or [])]
         self.log = log or (lambda _msg: None)
+        self.position = PositionLog(self.config.swap, worker.name)
 
     # ---- accounting
     def _fresh(self) -> int:
@@ -448,11 +377,12 @@ class CritiQFlow:
 
     def _evaluate(self, criteria: list[Criterion], pairs: Sequence[Pair], phase: str
                   ) -> dict[str, list[WorkerResult]]:
-        self._budget(phase, len(criteria) * len(pairs))
+        self._budget(phase, len(criteria) * len(pairs) * (2 if self.config.swap else 1))
         cfg = self.config
         res = judge_pairs(self.worker, criteria, pairs, temperature=cfg.worker_temperature,
                           max_tokens=cfg.worker_max_tokens, seed=cfg.seed, max_chars=cfg.max_chars_worker,
-                          max_workers=cfg.max_workers, phase=phase, guided_choice=cfg.worker_guided_choice)
+                          max_workers=cfg.max_workers, phase=phase, guided_choice=cfg.worker_guided_choice,
+                          swap=cfg.swap, log=self.position)
         for c in criteria:
             c.accuracy, c.all_abstained = criterion_accuracy(res[c.name], pairs)
         return res
@@ -518,6 +448,7 @@ class CritiQFlow:
         """Mine criteria from human ``pairs``; ``valid_pairs`` are evaluated and logged only."""
         cfg = self.config
         lo, hi = cfg.thresholds
+        self.position = PositionLog(cfg.swap, self.worker.name)  # this run's judgments only
         pairs = swap_pairs(pairs, cfg.seed)
         history: list[dict[str, Any]] = []
         best: dict[str, Criterion] = {}
@@ -608,9 +539,11 @@ class CritiQFlow:
             vres = self._evaluate([replace(c) for c in final], vp, "validation")
             validation = {"vote_accuracy": vote_accuracy(vres, vp, cfg.voting_threshold),
                           "accuracy": {n: criterion_accuracy(r, vp)[0] for n, r in sorted(vres.items())}}
+        for msg in self.position.warn():
+            self.log(msg)
         calls = {"worker": self.worker.stats.as_dict()}
         if self.manager is not self.worker:
             calls["manager"] = self.manager.stats.as_dict()
         return FlowResult(final, best, history, calls, vacc, validation,
                           {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
-                          {"worker": self.worker.name, "manager": self.manager.name})
+                          {"worker": self.worker.name, "manager": self.manager.name}, self.position.report())

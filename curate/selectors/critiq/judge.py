@@ -5,14 +5,25 @@ Implements docs/methods/critiq.md §4 and §6 (CritiQ: "Mining Data Quality Crit
 Preferences", Guo et al., ACL 2025, arXiv 2502.19279). Deviations from the reference code:
 
 - retries back off exponentially (1, 2, 4, … s, capped at 60 s, at most 6 tries) instead of
-  sleeping 60 s up to 10 times;
+  sleeping 60 s up to 10 times; a ``Retry-After`` header (seconds or an HTTP date) is honoured
+  when it asks for longer; a 200 whose body is not a chat completion with a text reply is retried
+  like a 5xx (proxies and overloaded servers send those);
 - a final parse failure is an ``invalid`` result, never a bare ``None``;
 - every call is cached by ``sha256(canonical_json({judge, messages, temperature, max_tokens, seed,
   attempt}))`` (plus ``guided_choice`` when set) so reruns are free and manager sampling
-  (temperature 1.0) is reproducible;
-- workers may be asked with vLLM's ``guided_choice`` (the allowed reply strings), which
+  (temperature 1.0) is reproducible; an HTTP judge's name is ``model@endpoint URL`` (without
+  credentials or query), so a reply from one endpoint is never served for another;
+- workers may be asked to pick one of the allowed reply strings (constrained decoding), which
   ``curate judge serve`` implements too: a small local model cannot write the JSON contract freely
-  (SmolLM2-135M parsed 0 of 200 replies), but it can pick among the valid replies.
+  (SmolLM2-135M parsed 0 of 200 replies), but it can pick among the valid replies. Servers spell
+  the request differently, so the form is a judge setting (``choice_format``, :data:`CHOICE_FORMATS`):
+  ``structured_outputs`` (the default: ``{"structured_outputs": {"choice": [...]}}``, vLLM >= 0.12,
+  which removed the older key, and ``curate judge serve``), ``guided_choice`` (``{"guided_choice":
+  [...]}``, older vLLM), ``response_format`` (an OpenAI JSON-schema string enum, for hosted APIs and
+  llama.cpp; the reply is then a JSON string literal, decoded back to the chosen string) or
+  ``none`` (no constraint is sent and the judge declares it cannot restrict, so callers fall back to
+  free text). The form is not part of the cache key: every constrained form asks the same
+  question (the key holds the choice list), so replies cached under one form serve the others.
 
 The API key is read from an environment variable at call time; it is never part of a judge's
 ``name``, a cache key, a manifest or a log line.
@@ -20,12 +31,15 @@ The API key is read from an environment variable at call time; it is never part 
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +51,8 @@ from curate.errors import param_error
 from curate.schema import canonical_json
 
 CACHE_MODES = ("read_write", "read_only", "off")
+#: request forms of "reply with one of these strings" (see the module docstring); the first is the default
+CHOICE_FORMATS = ("structured_outputs", "guided_choice", "response_format", "none")
 MAX_NAME_CHARS = 80
 T = TypeVar("T")
 
@@ -88,14 +104,24 @@ class OpenAICompatJudge:
         api_key_env: environment variable holding the API key (sent as a Bearer token when set).
         timeout_s: per-request timeout.
         max_concurrency: at most this many requests in flight from this object.
-        max_tries: attempts per call on 429, 5xx, timeouts and connection errors.
-        backoff_s: first back-off; doubles per retry, capped at ``backoff_cap_s``.
+        max_tries: attempts per call on 429, 5xx, malformed 200 bodies, timeouts and connection errors.
+        backoff_s: first back-off; doubles per retry, capped at ``backoff_cap_s``. A ``Retry-After``
+            header asking for longer wins, up to ``max_retry_after_s``.
+        endpoint: the endpoint's identity in :attr:`name` (and so in cache keys) [default: the base
+            URL without credentials, query or fragment]. Give a stable name for a server whose URL
+            changes between runs but whose model does not (a local server on a free port).
+        choice_format: how a choice list is sent (:data:`CHOICE_FORMATS`): ``structured_outputs``
+            (vLLM >= 0.12, ``curate judge serve``), ``guided_choice`` (older vLLM),
+            ``response_format`` (JSON-schema string enum: hosted APIs, llama.cpp) or ``none``
+            (never constrain; :attr:`supports_guided_choice` is then False).
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
                  timeout_s: float = 120.0, max_concurrency: int = 4, max_tries: int = 6,
-                 backoff_s: float = 1.0, backoff_cap_s: float = 60.0) -> None:
+                 backoff_s: float = 1.0, backoff_cap_s: float = 60.0, max_retry_after_s: float = 600.0,
+                 endpoint: str | None = None, choice_format: str = CHOICE_FORMATS[0]) -> None:
         owner = "OpenAICompatJudge"
+        check_choice_format(owner, choice_format)
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise param_error(owner, "base_url", "an http(s) URL", base_url)
         if not isinstance(model, str) or not model:
@@ -104,17 +130,22 @@ class OpenAICompatJudge:
             raise param_error(owner, "max_concurrency", "an integer >= 1", max_concurrency)
         if not isinstance(max_tries, int) or max_tries < 1:
             raise param_error(owner, "max_tries", "an integer >= 1", max_tries)
-        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-            raise param_error(owner, "timeout_s", "a number > 0", timeout_s)
+        if isinstance(timeout_s, bool) or not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s)
+                                               and timeout_s > 0):
+            raise param_error(owner, "timeout_s", "a finite number of seconds > 0", timeout_s)
         self.base_url = base_url.rstrip("/")
         self.model = model
-        self.name = model
+        self.name = f"{model}@{endpoint or public_url(self.base_url)}"
         self.api_key_env = api_key_env
         self.timeout_s = float(timeout_s)
         self.max_tries = max_tries
         self.backoff_s = float(backoff_s)
         self.backoff_cap_s = float(backoff_cap_s)
+        self.max_retry_after_s = float(max_retry_after_s)
         self.max_concurrency = max_concurrency
+        self.choice_format = choice_format
+        # a judge that sends no constraint must not claim one: callers then ask in free text
+        self.supports_guided_choice = choice_format != "none"
         self._sem = threading.BoundedSemaphore(max_concurrency)
         self._client: Any = None
         self._lock = threading.Lock()
@@ -136,17 +167,20 @@ class OpenAICompatJudge:
             self._client.close()
             self._client = None
 
-    supports_guided_choice = True
+    #: how back-off waits are taken (tests record them instead of sleeping)
+    sleep: Callable[[float], None] = staticmethod(time.sleep)
 
     def chat(self, messages: list[dict[str, str]], *, temperature: float, max_tokens: int,
              seed: int | None, guided_choice: Sequence[str] | None = None) -> str:
         """One chat completion; retries 429/5xx/timeouts/connection errors with back-off.
 
-        ``guided_choice`` (vLLM's extension, also served by ``curate judge serve``) restricts the
-        reply to one of the given strings; an endpoint without it answers 400 (a :class:`JudgeError`).
+        ``guided_choice`` restricts the reply to one of the given strings, sent in the form
+        :attr:`choice_format` names (:func:`choice_request`); an endpoint that does not know the form
+        answers 400 (a :class:`JudgeError`). With ``response_format`` the reply is decoded from its
+        JSON string literal (:func:`choice_reply`).
 
         Raises:
-            JudgeError: another 4xx, a malformed response body, or no success after ``max_tries``.
+            JudgeError: another 4xx, or no success after ``max_tries`` (the message names the URL).
         """
         httpx = require("httpx", "the OpenAI-compatible judge client")
         body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temperature,
@@ -154,18 +188,22 @@ class OpenAICompatJudge:
         if seed is not None:
             body["seed"] = seed
         if guided_choice is not None:
-            body["guided_choice"] = list(guided_choice)
+            if self.choice_format == "none":
+                raise JudgeError(f"judge '{self.name}' has choice_format 'none' and cannot restrict its reply")
+            body.update(choice_request(self.choice_format, guided_choice))
         headers = {}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
         url = f"{self.base_url}/chat/completions"
         last = ""
+        wait = 0.0  # what the server asked for with Retry-After
         with self._sem:
             for attempt in range(self.max_tries):
                 if attempt:
                     self.n_http_retries += 1
-                    time.sleep(min(self.backoff_cap_s, self.backoff_s * 2 ** (attempt - 1)))
+                    self.sleep(max(min(self.backoff_cap_s, self.backoff_s * 2 ** (attempt - 1)), wait))
+                wait = 0.0
                 try:
                     resp = self._http().post(url, json=body, headers=headers)
                 except httpx.TimeoutException as exc:
@@ -176,14 +214,93 @@ class OpenAICompatJudge:
                     continue
                 if resp.status_code == 429 or resp.status_code >= 500:
                     last = f"HTTP {resp.status_code}"
+                    wait = min(self.max_retry_after_s, retry_after_s(resp.headers.get("retry-after")))
                     continue
                 if resp.status_code >= 400:
                     raise JudgeError(f"{url}: HTTP {resp.status_code} for model '{self.model}': {resp.text[:300]}")
-                try:
-                    return str(resp.json()["choices"][0]["message"]["content"])
-                except (ValueError, KeyError, IndexError, TypeError) as exc:
-                    raise JudgeError(f"{url}: not a chat-completions response: {resp.text[:300]!r}") from exc
-        raise JudgeError(f"{url}: no answer from model '{self.model}' after {self.max_tries} tries; last: {last}.")
+                reply = completion_text(resp.content)
+                if reply is None:  # a 200 that is not a completion: a proxy or an overloaded server
+                    last = f"HTTP {resp.status_code} without a chat completion: {resp.text[:120]!r}"
+                    continue
+                if guided_choice is not None:
+                    return choice_reply(self.choice_format, reply)
+                return reply
+        raise JudgeError(f"{url}: no answer from model '{self.model}' after {self.max_tries} tries; last: {last}. "
+                         "Is the endpoint up and serving that model?")
+
+
+def check_choice_format(owner: str, value: Any) -> str:
+    """``value`` when it is one of :data:`CHOICE_FORMATS`, else a parameter error naming ``owner``."""
+    if value not in CHOICE_FORMATS:
+        raise param_error(owner, "choice_format", " | ".join(CHOICE_FORMATS), value)
+    return str(value)
+
+
+def choice_request(choice_format: str, choices: Sequence[str]) -> dict[str, Any]:
+    """The request-body fields that restrict a reply to ``choices`` in ``choice_format``.
+
+    ``response_format`` uses the OpenAI JSON-schema form with a string enum at the root (accepted
+    by vLLM, SGLang, llama.cpp and ``curate judge serve``; strict OpenAI mode wants an object root).
+    """
+    allowed = list(choices)
+    if choice_format == "structured_outputs":
+        return {"structured_outputs": {"choice": allowed}}
+    if choice_format == "guided_choice":
+        return {"guided_choice": allowed}
+    if choice_format == "response_format":
+        return {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "choice", "schema": {"type": "string", "enum": allowed}}}}
+    raise ValueError(f"choice_format {choice_format!r} sends no choice list")
+
+
+def choice_reply(choice_format: str, reply: str) -> str:
+    """The chosen string of a constrained reply. A ``response_format`` reply is a JSON document whose
+    value is the string (``"\\"A\\""`` for ``A``); it is decoded, and a reply that is not a JSON
+    string is returned unchanged for the caller's parser to judge. Other forms reply with the string itself."""
+    if choice_format != "response_format":
+        return reply
+    try:
+        value = json.loads(reply)
+    except ValueError:
+        return reply
+    return value if isinstance(value, str) else reply
+
+
+def public_url(url: str) -> str:
+    """``url`` without user:password, query or fragment (what may appear in names, keys and logs)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port is not None else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def retry_after_s(value: str | None) -> float:
+    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date; RFC 9110
+    §10.2.3); 0 when absent or unreadable."""
+    if not value:
+        return 0.0
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return 0.0
+        seconds = when.timestamp() - time.time()
+    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
+
+
+def completion_text(body: bytes) -> str | None:
+    """The reply text of a chat-completions response body, or None when the body is not one
+    (empty, not JSON, no ``choices``, no string ``message.content``)."""
+    try:
+        content = json.loads(body)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None
 
 
 # --------------------------------------------------------------------------- cache
@@ -208,9 +325,13 @@ class JudgeCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, judge TEXT, reply TEXT)")
+        try:
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, judge TEXT, reply TEXT)")
+        except sqlite3.Error as exc:  # unwritable place, a file that is not a cache, a full disk
+            raise JudgeError(f"cannot open the judge cache {self.path} ({exc}); give a writable --cache file "
+                             "or '' for none.") from None
 
     def get(self, key: str) -> str | None:
         with self._lock:
@@ -338,9 +459,15 @@ class JudgeSession:
 
 
 def open_session(url: str, model: str, cache: str | os.PathLike[str] | None, api_key_env: str, concurrency: int,
-                 mode: str = "read_write") -> JudgeSession:
-    """A :class:`JudgeSession` over an OpenAI-compatible endpoint (what the verbs and steps use)."""
-    return JudgeSession(OpenAICompatJudge(url, model, api_key_env=api_key_env, max_concurrency=concurrency),
+                 mode: str = "read_write", *, timeout_s: float = 120.0, retries: int = 5,
+                 choice_format: str = CHOICE_FORMATS[0]) -> JudgeSession:
+    """A :class:`JudgeSession` over an OpenAI-compatible endpoint (what the verbs and steps use);
+    ``retries`` HTTP retries per call (so ``retries + 1`` tries) of ``timeout_s`` seconds each;
+    ``choice_format`` as in :class:`OpenAICompatJudge`."""
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise param_error("judge", "retries", "an integer >= 0", retries)
+    return JudgeSession(OpenAICompatJudge(url, model, api_key_env=api_key_env, max_concurrency=concurrency,
+                                          timeout_s=timeout_s, max_tries=retries + 1, choice_format=choice_format),
                         cache, cache_mode=mode)
 
 

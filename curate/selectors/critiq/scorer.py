@@ -151,6 +151,7 @@ class CritiqSelector(BaseSelector):
     invalid_examples: ClassVar[tuple[tuple[str, Any], ...]] = (("temperature", 0.0), ("C", -1.0), ("scorer", "lm"),
                                                                ("pairs", ""))
 
+    path_params: ClassVar[tuple[str, ...]] = ("pairs",)
     pairs: str = ""
     scorer: str = "embedding_linear"
     C: float = 1.0

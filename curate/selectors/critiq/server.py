@@ -35,18 +35,22 @@ MAX_GUIDED_CHOICES = 64
 
 
 class BackendHTTPError(Exception):
-    """Raised by a backend to make the server answer with ``status_code``."""
+    """Raised by a backend to make the server answer with ``status_code`` (and ``headers``); with
+    ``body`` the server sends those raw bytes instead of a JSON error (a fake of a broken proxy)."""
 
-    def __init__(self, status_code: int, message: str = "") -> None:
+    def __init__(self, status_code: int, message: str = "", *, headers: Mapping[str, str] | None = None,
+                 body: bytes | None = None) -> None:
         super().__init__(message or f"HTTP {status_code}")
         self.status_code = status_code
+        self.headers = dict(headers or {})
+        self.body = body
 
 
 def make_app(backends: Mapping[str, Backend]) -> Any:
     """A FastAPI app serving ``backends`` (model name → backend). The first one is the default for
     requests whose ``model`` is unknown or missing."""
     fastapi = require("fastapi", "curate judge serve")
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 
     if not backends:
         raise ValueError("make_app needs at least one backend")
@@ -79,7 +83,9 @@ def make_app(backends: Mapping[str, Backend]) -> Any:
         try:
             text = backends[model](msgs, params)
         except BackendHTTPError as exc:
-            return JSONResponse({"error": {"message": str(exc)}}, exc.status_code)
+            if exc.body is not None:
+                return Response(exc.body, exc.status_code, headers=exc.headers, media_type="application/json")
+            return JSONResponse({"error": {"message": str(exc)}}, exc.status_code, headers=exc.headers)
         if choices is not None and text not in choices:
             return JSONResponse({"error": {"message": f"model '{model}' replied outside guided_choice"}}, 500)
         return {

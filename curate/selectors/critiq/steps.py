@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import polars as pl
 
@@ -46,6 +46,8 @@ class _JudgeParams:
     cache: str = ".curate_cache/judge.sqlite"
     concurrency: int = 4
     api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 120.0
+    retries: int = 5
 
     def _check_judge(self, owner: str) -> None:
         if not isinstance(self.judge_url, str) or not self.judge_url.startswith(("http://", "https://")):
@@ -57,12 +59,18 @@ class _JudgeParams:
                 raise param_error(owner, name, "an integer >= 1", v)
         if not isinstance(self.guided_choice, bool):
             raise param_error(owner, "guided_choice", "true or false", self.guided_choice)
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not self.timeout > 0 \
+                or self.timeout == float("inf"):
+            raise param_error(owner, "timeout", "a finite number of seconds > 0", self.timeout)
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise param_error(owner, "retries", "an integer >= 0", self.retries)
 
     def _session(self, url: str | None = None, model: str | None = None, concurrency: int | None = None) -> Any:
         from curate.selectors.critiq.judge import open_session
 
         return open_session(url or self.judge_url, model or self.judge_model, self.cache or None,  # type: ignore[arg-type]
-                        self.api_key_env, concurrency or self.concurrency)
+                            self.api_key_env, concurrency or self.concurrency, timeout_s=float(self.timeout),
+                            retries=self.retries)
 
 
 def _keep_all(table: pl.DataFrame) -> pl.DataFrame:
@@ -93,8 +101,17 @@ class CritiQMine(_JudgeParams):
         kb: knowledge-base JSON, None for the starter KB, "none" to skip retrieval.
         guided_choice: restrict worker replies to the valid answers (vLLM, ``curate judge serve``).
         cache: SQLite judge cache ("" = none).
+        timeout / retries: seconds per judge request; retries after 429/5xx, malformed replies,
+            timeouts and refused connections (both steps).
+        swap: ask every worker judgment in both orders; only verdicts that survive the swap count
+            (curate.selectors.critiq.swap). Off by default here (doubles the worker calls).
+
+    ``stats.json`` gets ``position_bias``: per criterion the position-bias, consistency and
+    abstention rates, and ``warnings`` when the judge answers one letter in over 90% of calls.
     """
 
+    path_params: ClassVar[tuple[str, ...]] = ("pairs", "output", "cache")
+    path_or_name_params: ClassVar[tuple[str, ...]] = ("kb",)  # "none" and the starter KB are names
     pairs: str = ""
     n_pairs: int | None = None
     output: str = ""
@@ -104,6 +121,7 @@ class CritiQMine(_JudgeParams):
     epochs: int = 3
     n_criteria: int = 20
     max_llm_calls: int | None = None
+    swap: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.pairs, str) or not self.pairs:
@@ -112,6 +130,8 @@ class CritiQMine(_JudgeParams):
                                          or self.n_pairs < 1):
             raise param_error("critiq_mine", "n_pairs", "an integer >= 1 or null", self.n_pairs)
         self._check_judge("critiq_mine")
+        if not isinstance(self.swap, bool):
+            raise param_error("critiq_mine", "swap", "true or false", self.swap)
 
     def apply(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         import numpy as np
@@ -134,11 +154,12 @@ class CritiQMine(_JudgeParams):
         kb = [] if self.kb == "none" else load_kb(self.kb)
         cfg = FlowConfig(n_criteria=self.n_criteria, epochs=self.epochs, max_llm_calls=self.max_llm_calls,
                          seed=ctx.seed, max_workers=self.concurrency, worker_max_tokens=self.max_tokens,
-                         worker_guided_choice=self.guided_choice)
+                         worker_guided_choice=self.guided_choice, swap=self.swap)
         res = CritiQFlow(worker, manager, cfg, kb=kb).run(pairs)
         out = res.save(_out_path(self.output, ctx, "criteria.json"))
         ctx.stats["critiq_mine"] = {"output": str(out), "n_pairs": len(pairs), "criteria": [c.name for c in res.criteria],
                                     "vote_accuracy": res.vote_accuracy, "calls": res.calls,
+                                    "position_bias": res.position_bias,
                                     "seconds": round(time.time() - t0, 2)}
         return _keep_all(table)
 
@@ -154,12 +175,18 @@ class CritiQAnnotate(_JudgeParams):
         criteria: criteria JSON from ``critiq_mine`` / ``curate critiq mine``.
         output: judged pairs [default: ``<step dir>/pairs.parquet``].
         n_pairs: pairs to judge [default: min(25000, N/2)].
+        swap: ask every judgment in both orders and count only verdicts that survive the swap
+            (default on: a position-biased judge then abstains instead of labelling by position).
+
+    ``stats.json`` gets ``position_bias`` as for ``critiq_mine``.
     """
 
+    path_params: ClassVar[tuple[str, ...]] = ("criteria", "output", "cache")
     criteria: str = ""
     output: str = ""
     n_pairs: int | None = None
     n_buckets: int = 10
+    swap: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.criteria, str) or not self.criteria:
@@ -167,19 +194,25 @@ class CritiQAnnotate(_JudgeParams):
         self._check_judge("critiq_annotate")
         if isinstance(self.n_buckets, bool) or not isinstance(self.n_buckets, int) or self.n_buckets < 1:
             raise param_error("critiq_annotate", "n_buckets", "an integer >= 1", self.n_buckets)
+        if not isinstance(self.swap, bool):
+            raise param_error("critiq_annotate", "swap", "true or false", self.swap)
 
     def apply(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         from curate.io.writers import write_parquet
-        from curate.selectors.critiq.annotate import annotate_table
+        from curate.selectors.critiq.annotate import annotate_table, check_labelled
         from curate.selectors.critiq.flow import load_criteria
+        from curate.selectors.critiq.swap import PositionLog
 
         t0 = time.time()
         criteria = load_criteria(self.criteria)
         worker = self._session()
+        log = PositionLog(self.swap, worker.name)
         out = annotate_table(table, criteria, worker, n_pairs=self.n_pairs, n_buckets=self.n_buckets, seed=ctx.seed,
                              max_workers=self.concurrency, max_tokens=self.max_tokens,
-                             guided_choice=self.guided_choice)
+                             guided_choice=self.guided_choice, swap=self.swap, log=log)
+        check_labelled(out, worker, len(criteria), swap=self.swap)
         path = write_parquet(out, _out_path(self.output, ctx, "pairs.parquet"))
         ctx.stats["critiq_annotate"] = {"output": str(path), "n_labelled": out.height, "n_criteria": len(criteria),
-                                        "calls": worker.stats.as_dict(), "seconds": round(time.time() - t0, 2)}
+                                        "calls": worker.stats.as_dict(), "position_bias": log.report(),
+                                        "seconds": round(time.time() - t0, 2)}
         return _keep_all(table)

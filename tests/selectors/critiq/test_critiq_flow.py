@@ -101,8 +101,10 @@ def task() -> list[Pair]:
 
 
 def _run(url: str, cache, mode: str, manager: ScriptedManager, task, **cfg):
-    worker = JudgeSession(OpenAICompatJudge(url, "rule", max_concurrency=4, backoff_s=0.01), cache, cache_mode=mode)
-    mgr = JudgeSession(OpenAICompatJudge(url, "manager", max_concurrency=1, backoff_s=0.01), cache, cache_mode=mode)
+    # each LocalServer gets a free port; naming the endpoint lets a restarted server share the cache
+    kw = {"backoff_s": 0.01, "endpoint": "loopback-fakes"}
+    worker = JudgeSession(OpenAICompatJudge(url, "rule", max_concurrency=4, **kw), cache, cache_mode=mode)
+    mgr = JudgeSession(OpenAICompatJudge(url, "manager", max_concurrency=1, **kw), cache, cache_mode=mode)
     flow = CritiQFlow(worker, mgr, FlowConfig(**{"n_criteria": 6, "epochs": 2, **cfg}), kb=KB)
     return flow.run(task), worker, mgr
 

@@ -81,6 +81,15 @@ def test_mine_annotate_score_recipe(tmp_path, code_task) -> None:
     assert any("docstring" in c["description"].lower() for c in data["criteria"])
     assert data["config"]["worker_guided_choice"] is True
     assert rule.choices_seen, "the worker was asked with guided_choice"
+    # annotate asked both orders by default; its stats say how the judge behaved per criterion
+    folder = next((tmp_path / "run" / "steps").glob("*-critiq_annotate"))
+    bias = json.loads((folder / "stats.json").read_text())["critiq_annotate"]["position_bias"]
+    assert bias["swap"] is True and bias["warnings"] == [] and set(bias["per_criterion"]) == {
+        c["name"] for c in data["criteria"]}
+    assert all(r["position_bias_rate"] is None or 0.1 <= r["position_bias_rate"] <= 0.9
+               for r in bias["per_criterion"].values())
+    mine = next((tmp_path / "run" / "steps").glob("*-critiq_mine"))
+    assert json.loads((mine / "stats.json").read_text())["critiq_mine"]["position_bias"]["swap"] is False
     # agent labels follow the hidden quality
     lab = pl.read_parquet(judged)
     assert lab.height >= 10
