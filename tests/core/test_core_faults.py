@@ -254,6 +254,7 @@ def test_failed_overwrite_rerun_leaves_a_visibly_incomplete_folder(tmp_path, mon
         _run(raw_b, tmp_path, run_dir, overwrite=True)
     assert not (run_dir / "DONE").exists()
     assert not (run_dir / "curated.parquet").exists() and not (run_dir / "manifest.json").exists()
+    assert "error: RuntimeError: killed mid-run" in (run_dir / "run.log").read_text()  # why it is incomplete
     with pytest.raises(RecipeError, match="incomplete"):
         load_run(run_dir)
     code, out = _cli(capsys, "show", str(run_dir))

@@ -17,7 +17,7 @@ import polars as pl
 
 from curate.schema import TEXT_FIELDS, texts, validate_table
 from curate.selectors.critiq.annotate import check_labelled, human_pairs, render_pair_texts  # noqa: F401  (benchmarks import render_pair_texts from here)
-from curate.selectors.critiq.judge import open_session
+from curate.selectors.critiq.judge import CHOICE_FORMATS, open_session
 
 
 def _read(path: str) -> pl.DataFrame:
@@ -52,6 +52,9 @@ common = [
                  help="Seconds to wait for one judge reply."),
     click.option("--retries", default=5, show_default=True, type=click.IntRange(min=0),
                  help="Retries of a judge request after 429/5xx, a malformed reply, a timeout or a refused connection."),
+    click.option("--choice-format", default=CHOICE_FORMATS[0], show_default=True, type=click.Choice(CHOICE_FORMATS),
+                 help="How --guided-choice is sent: structured_outputs (vLLM >= 0.12, `curate judge serve`), "
+                      "guided_choice (older vLLM), response_format (JSON-schema enum: hosted APIs, llama.cpp), none."),
     click.option("--seed", default=0, show_default=True, type=int),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON summary as the last line."),
 ]
@@ -100,23 +103,25 @@ def critiq() -> None:
 @click.option("--max-llm-calls", default=None, type=int)
 @click.option("--max-tokens", default=1024, show_default=True, type=int, help="Worker reply length.")
 @click.option("--guided-choice", is_flag=True,
-              help="Restrict worker replies to the valid JSON answers (vLLM guided_choice; `curate judge serve` has it).")
+              help="Restrict worker replies to the valid JSON answers (constrained decoding, form: --choice-format).")
 @click.option("--swap/--no-swap", default=False, show_default=True,
               help="Ask every worker judgment in both orders; only verdicts that survive the swap count.")
 @_with(common)
 def mine_cmd(pairs_path: str, output: str, manager_url: str | None, manager_model: str | None, kb_path: str | None,
              epochs: int, n_criteria: int, max_llm_calls: int | None, max_tokens: int, guided_choice: bool, swap: bool,
              judge_url: str, judge_model: str, api_key_env: str, cache: str, concurrency: int, timeout_s: float,
-             retries: int, seed: int, as_json: bool) -> None:
+             retries: int, choice_format: str, seed: int, as_json: bool) -> None:
     """Run the CritiQ Flow on ~30 human preference pairs and write the criteria JSON."""
     from curate.selectors.critiq.flow import CritiQFlow, FlowConfig
     from curate.selectors.critiq.kb import load_kb
 
     t0 = time.time()
     pairs = human_pairs(_read(pairs_path))
-    worker = open_session(judge_url, judge_model, cache or None, api_key_env, concurrency, timeout_s=timeout_s, retries=retries)
+    worker = open_session(judge_url, judge_model, cache or None, api_key_env, concurrency, timeout_s=timeout_s, retries=retries,
+                          choice_format=choice_format)
     manager = open_session(manager_url or judge_url, manager_model or judge_model, cache or None, api_key_env, 1,
-                           timeout_s=timeout_s, retries=retries)
+                           timeout_s=timeout_s, retries=retries,
+                          choice_format=choice_format)
     kb = [] if kb_path == "none" else load_kb(kb_path)
     cfg = FlowConfig(n_criteria=n_criteria, epochs=epochs, max_llm_calls=max_llm_calls, seed=seed,
                      max_workers=concurrency, worker_max_tokens=max_tokens, worker_guided_choice=guided_choice,
@@ -138,13 +143,13 @@ def mine_cmd(pairs_path: str, output: str, manager_url: str | None, manager_mode
 @click.option("--n-buckets", default=10, show_default=True, type=int)
 @click.option("--max-tokens", default=1024, show_default=True, type=int)
 @click.option("--guided-choice", is_flag=True,
-              help="Restrict worker replies to the valid JSON answers (vLLM guided_choice; `curate judge serve` has it).")
+              help="Restrict worker replies to the valid JSON answers (constrained decoding, form: --choice-format).")
 @click.option("--swap/--no-swap", default=True, show_default=True,
               help="Ask every judgment in both orders; only verdicts that survive the swap label a pair.")
 @_with(common)
 def annotate_cmd(in_path: str, criteria_path: str, output: str, n_pairs: int | None, n_buckets: int, max_tokens: int,
                  guided_choice: bool, swap: bool, judge_url: str, judge_model: str, api_key_env: str, cache: str, concurrency: int,
-                 timeout_s: float, retries: int, seed: int, as_json: bool) -> None:
+                 timeout_s: float, retries: int, choice_format: str, seed: int, as_json: bool) -> None:
     """Label length-bucketed random pairs of a pool by majority vote over the criteria (resumable)."""
     from curate.io.writers import write_parquet
     from curate.selectors.critiq.annotate import annotate_table
@@ -154,7 +159,8 @@ def annotate_cmd(in_path: str, criteria_path: str, output: str, n_pairs: int | N
     t0 = time.time()
     table = _read(in_path)
     criteria = load_criteria(criteria_path)
-    worker = open_session(judge_url, judge_model, cache or None, api_key_env, concurrency, timeout_s=timeout_s, retries=retries)
+    worker = open_session(judge_url, judge_model, cache or None, api_key_env, concurrency, timeout_s=timeout_s, retries=retries,
+                          choice_format=choice_format)
     log = PositionLog(swap, worker.name)
     out = annotate_table(table, criteria, worker, n_pairs=n_pairs, n_buckets=n_buckets, seed=seed,
                          max_workers=concurrency, max_tokens=max_tokens, guided_choice=guided_choice, swap=swap, log=log)

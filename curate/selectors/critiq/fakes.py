@@ -86,12 +86,14 @@ class RuleJudge:
 
 class GuidedRule(RuleJudge):
     """:class:`RuleJudge` answering through ``guided_choice``: its vote as one of the allowed replies
-    (``{"answer": "A"}`` ...); records the choice lists it was given."""
+    (``{"answer": "A"}`` ...); records the choice lists it was given and the request forms they came
+    in (``params["choice_format"]``, set by the server; None in process)."""
 
     supports_guided_choice = True
 
     def __init__(self) -> None:
         self.choices_seen: set[tuple[str, ...]] = set()
+        self.forms_seen: set[str | None] = set()
 
     def __call__(self, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
         reply = super().__call__(messages, params)
@@ -99,6 +101,7 @@ class GuidedRule(RuleJudge):
         if choices is None:
             return reply
         self.choices_seen.add(tuple(choices))
+        self.forms_seen.add(params.get("choice_format"))
         vote = parse_worker(reply).vote or "None"
         return next(c for c in choices if json.loads(c)["answer"] == vote)
 

@@ -74,7 +74,9 @@ class FlowConfig:
         max_workers: worker calls in flight.
         seed: A/B swap stream and the manager's sampling seed.
         worker_guided_choice: ask workers with ``guided_choice=WORKER_CHOICES`` (the endpoint must
-            support it: vLLM, ``curate judge serve``); the manager always writes free text.
+            support it: vLLM, ``curate judge serve``, any server that takes the judge's
+            ``choice_format``, which is a setting of the judge client, not of the Flow); the
+            manager always writes free text.
         swap: ask every worker judgment in both orders and keep only verdicts that survive the
             swap (curate.selectors.critiq.swap); doubles the worker calls. The manager gives no
             A/B verdicts, so it has nothing to swap.

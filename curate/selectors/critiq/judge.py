@@ -255,7 +255,7 @@ def choice_request(choice_format: str, choices: Sequence[str]) -> dict[str, Any]
 
 def choice_reply(choice_format: str, reply: str) -> str:
     """The chosen string of a constrained reply. A ``response_format`` reply is a JSON document whose
-    value is the string (``"\\"A\\""`` for ``A``); it is decoded, and a reply that is not a JSON
+    value is the string (``'"A"'`` for ``A``); it is decoded, and a reply that is not a JSON
     string is returned unchanged for the caller's parser to judge. Other forms reply with the string itself."""
     if choice_format != "response_format":
         return reply

@@ -11,8 +11,12 @@ exercises the plumbing; it is a weak judge.
 
 A backend may raise :class:`BackendHTTPError` to answer with a given status (fault injection).
 
-Constrained replies: a request may carry vLLM's ``guided_choice`` extension (a list of allowed reply
-strings). The server hands it to backends that declare ``supports_guided_choice = True`` in
+Constrained replies: a request may carry a list of allowed reply strings in any of the forms
+clients send (:func:`request_choices`): ``structured_outputs: {"choice": [...]}`` (vLLM >= 0.12),
+``guided_choice: [...]`` (older vLLM) or ``response_format: {"type": "json_schema", "json_schema":
+{"schema": {"type": "string", "enum": [...]}}}`` (OpenAI JSON schema; the reply content is then the
+chosen string as a JSON string literal, as a schema-constrained server writes it). The server hands
+the list to backends that declare ``supports_guided_choice = True`` in
 ``params["guided_choice"]`` and refuses it (HTTP 400) for the others; a reply outside the list is a
 500. :class:`LMBackend` decodes token by token restricted to the allowed strings (a trie of their
 token ids), greedy at temperature 0 like vLLM's guided decoding, so even a model too small to write
@@ -21,6 +25,7 @@ the JSON contract returns a valid reply whose content is the model's own prefere
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -32,6 +37,38 @@ from curate._lazy import require
 
 Backend = Callable[[list[dict[str, str]], dict[str, Any]], str]
 MAX_GUIDED_CHOICES = 64
+
+
+def request_choices(body: Mapping[str, Any]) -> tuple[str | None, Any]:
+    """``(form, choice list)`` of a chat request: the form (``structured_outputs``,
+    ``guided_choice`` or ``response_format``) that carries a choice list, or ``(None, None)`` when
+    there is none. A ``response_format`` of type ``text`` or ``json_object`` carries no list.
+
+    Raises:
+        ValueError: several forms at once, or a form this server cannot enforce (a message for the 400).
+    """
+    found: list[tuple[str, Any]] = []
+    if body.get("guided_choice") is not None:
+        found.append(("guided_choice", body["guided_choice"]))
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict) or set(so) != {"choice"}:
+            raise ValueError("'structured_outputs' is supported with a 'choice' list only")
+        found.append(("structured_outputs", so["choice"]))
+    rf = body.get("response_format")
+    if rf is not None:
+        kind = rf.get("type") if isinstance(rf, dict) else None
+        if kind == "json_schema":
+            spec = rf.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not (isinstance(schema, dict) and schema.get("type") == "string" and "enum" in schema):
+                raise ValueError("'response_format' json_schema is supported as {'type': 'string', 'enum': [...]} only")
+            found.append(("response_format", schema["enum"]))
+        elif kind not in ("text", "json_object"):
+            raise ValueError("'response_format' must have type text, json_object or json_schema")
+    if len(found) > 1:
+        raise ValueError(f"give one choice form, not {', '.join(f for f, _ in found)}")
+    return found[0] if found else (None, None)
 
 
 class BackendHTTPError(Exception):
@@ -71,15 +108,19 @@ def make_app(backends: Mapping[str, Backend]) -> Any:
         model = body.get("model") if body.get("model") in backends else names[0]
         params = {"temperature": float(body.get("temperature", 1.0) or 0.0),
                   "max_tokens": int(body.get("max_tokens") or 512), "seed": body.get("seed")}
-        choices = body.get("guided_choice")
+        try:
+            form, choices = request_choices(body)
+        except ValueError as exc:
+            return JSONResponse({"error": {"message": str(exc)}}, 400)
         if choices is not None:
             if not (isinstance(choices, list) and choices and len(choices) <= MAX_GUIDED_CHOICES
                     and all(isinstance(c, str) and c for c in choices)):
-                return JSONResponse({"error": {"message": "'guided_choice' must be a list of 1 to "
+                return JSONResponse({"error": {"message": f"the {form} choice list must hold 1 to "
                                                f"{MAX_GUIDED_CHOICES} non-empty strings"}}, 400)
             if not getattr(backends[model], "supports_guided_choice", False):
-                return JSONResponse({"error": {"message": f"model '{model}' does not support guided_choice"}}, 400)
+                return JSONResponse({"error": {"message": f"model '{model}' does not support guided_choice (sent as {form})"}}, 400)
             params["guided_choice"] = list(choices)
+            params["choice_format"] = form
         try:
             text = backends[model](msgs, params)
         except BackendHTTPError as exc:
@@ -87,7 +128,9 @@ def make_app(backends: Mapping[str, Backend]) -> Any:
                 return Response(exc.body, exc.status_code, headers=exc.headers, media_type="application/json")
             return JSONResponse({"error": {"message": str(exc)}}, exc.status_code, headers=exc.headers)
         if choices is not None and text not in choices:
-            return JSONResponse({"error": {"message": f"model '{model}' replied outside guided_choice"}}, 500)
+            return JSONResponse({"error": {"message": f"model '{model}' replied outside the {form} choices"}}, 500)
+        if form == "response_format":  # a schema-constrained reply is the JSON document of the string
+            text = json.dumps(text, ensure_ascii=False)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion", "created": int(time.time()),
             "model": model,

@@ -2,8 +2,9 @@
 selector step, :class:`curate.selectors.critiq.scorer.CritiQSelector`).
 
 Both keep every row: they write an artifact (the criteria JSON, the judged-pairs parquet) that a
-later step reads by path, like ``curate critiq mine | annotate`` do. File parameters are paths as
-the user wrote them (relative to the working directory); empty outputs default to the step folder.
+later step reads by path, like ``curate critiq mine | annotate`` do. Relative file parameters in a
+recipe file resolve against the recipe's folder (``path_params``; ``--set`` values against the working
+directory); empty outputs default to the step folder.
 A recipe chaining the three::
 
     - use: critiq_mine
@@ -43,6 +44,7 @@ class _JudgeParams:
     judge_model: str = "smollm2-135m-instruct"
     max_tokens: int = 1024
     guided_choice: bool = False
+    choice_format: str = "structured_outputs"
     cache: str = ".curate_cache/judge.sqlite"
     concurrency: int = 4
     api_key_env: str = "OPENAI_API_KEY"
@@ -59,6 +61,9 @@ class _JudgeParams:
                 raise param_error(owner, name, "an integer >= 1", v)
         if not isinstance(self.guided_choice, bool):
             raise param_error(owner, "guided_choice", "true or false", self.guided_choice)
+        from curate.selectors.critiq.judge import check_choice_format
+
+        check_choice_format(owner, self.choice_format)
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not self.timeout > 0 \
                 or self.timeout == float("inf"):
             raise param_error(owner, "timeout", "a finite number of seconds > 0", self.timeout)
@@ -70,7 +75,7 @@ class _JudgeParams:
 
         return open_session(url or self.judge_url, model or self.judge_model, self.cache or None,  # type: ignore[arg-type]
                             self.api_key_env, concurrency or self.concurrency, timeout_s=float(self.timeout),
-                            retries=self.retries)
+                            retries=self.retries, choice_format=self.choice_format)
 
 
 def _keep_all(table: pl.DataFrame) -> pl.DataFrame:
@@ -100,6 +105,9 @@ class CritiQMine(_JudgeParams):
         judge_url / judge_model: the worker endpoint; manager_url / manager_model default to them.
         kb: knowledge-base JSON, None for the starter KB, "none" to skip retrieval.
         guided_choice: restrict worker replies to the valid answers (vLLM, ``curate judge serve``).
+        choice_format: how that restriction is sent: ``structured_outputs`` (vLLM >= 0.12, ``curate
+            judge serve``), ``guided_choice`` (older vLLM), ``response_format`` (JSON-schema enum:
+            hosted APIs, llama.cpp) or ``none`` (both steps).
         cache: SQLite judge cache ("" = none).
         timeout / retries: seconds per judge request; retries after 429/5xx, malformed replies,
             timeouts and refused connections (both steps).
