@@ -22,7 +22,7 @@ from curate.features.gradients import (  # noqa: E402
 )
 from curate.features.lm import encode_examples  # noqa: E402
 from curate.features.store import FeatureStore  # noqa: E402
-from curate.features.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer  # noqa: E402
+from curate.features.tiny import tiny_gpt2, tiny_llama  # noqa: E402
 from curate.pipeline.step import StepContext  # noqa: E402
 from curate.schema import make_record, to_frame  # noqa: E402
 
@@ -31,11 +31,6 @@ def _records(n: int = 4) -> list[dict]:
     return [make_record("sft", messages=[{"role": "user", "content": f"question {i}: " + "why? " * (i + 1)},
                                          {"role": "assistant", "content": "because " * (2 * i + 1) + "done."}])
             for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +137,6 @@ def test_factored_errors(tok):
         GradFeaturesStep(projection="factored", proj_dim=None)
     with pytest.raises(ParameterError, match="'projection'"):
         GradFeaturesStep(projection="kron")
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tok):
-    folder = tmp_path_factory.mktemp("tinylm_fact")
-    tiny_llama(vocab_size=len(tok), dtype="float32", seed=4).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def test_step_records_projection_in_meta_and_key(tiny_folder, tmp_path):

@@ -28,7 +28,7 @@ from curate.features.gradients import (  # noqa: E402
 from curate.features.lm import encode_examples  # noqa: E402
 from curate.features.lm_batches import row_losses  # noqa: E402
 from curate.features.projection import Projector  # noqa: E402
-from curate.features.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer  # noqa: E402
+from curate.features.tiny import tiny_gpt2, tiny_llama  # noqa: E402
 from curate.schema import make_record, to_frame  # noqa: E402
 
 
@@ -41,11 +41,6 @@ def _records(n: int = 4) -> list[dict]:
             msgs += [{"role": "user", "content": "more"}, {"role": "assistant", "content": "ok " * i}]
         out.append(make_record("sft", messages=msgs))
     return out
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -298,14 +293,6 @@ def test_layout_guard(llama):
 
 
 # ------------------------------------------------------------------ the step
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tok):
-    folder = tmp_path_factory.mktemp("tinylm")
-    tiny_llama(vocab_size=len(tok), dtype="float32", seed=4).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def test_step_end_to_end(tiny_folder, tmp_path):
     from curate.features.store import FeatureStore
     from curate.pipeline.step import StepContext, check_step_output
