@@ -119,6 +119,10 @@ def test_missing_backend_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(MissingDependencyError, match=r"pip install -e '\.\[onnx\]'"):
         require_backend("onnx")
+    import types
+
+    for present in ("openvino", "onnx"):  # installed or not here, only onnxruntime is missing
+        monkeypatch.setitem(sys.modules, present, types.ModuleType(present))
     with pytest.raises(MissingDependencyError, match=r"'onnx' extra"):
         require_backend("openvino", "int8")  # int8 models come from onnxruntime's quantiser
     with pytest.raises(MissingDependencyError, match="onnxruntime"):
