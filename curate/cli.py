@@ -306,13 +306,14 @@ def select(name: str, input_path: str, out_dir: str, budget: str, by: str | None
             raise RecipeError(f"--factors: selector '{name}' takes no EK-FAC factors.")
         values.setdefault("factors", factors)
     bud = parse_budget(budget, by=by, ratios=ratios, mins=mins, maxs=maxs, overshoot=overshoot)
-    res, manifest = select_files(name, input_path, out_dir, budget=bud, features=features, target_features=target_features,
-                                 target=target, scores=scores, params=values, seed=seed, tokenizer=tokenizer)
-    summary = {"command": "select", "selector": name, "output": out_dir, "rows": manifest["n_rows"],
-               "kept": manifest["n_kept"], "budget": manifest["budget"]}
+    manifest = select_files(name, input_path, out_dir, budget=bud, features=features, target_features=target_features,
+                            target=target, scores=scores, params=values, seed=seed, tokenizer=tokenizer)
+    sel = manifest["selection"]
+    summary = {"command": "select", "selector": name, "output": out_dir, "rows": sel["n_rows"],
+               "kept": sel["n_kept"], "budget": sel["budget"]}
 
     def human() -> None:
-        click.echo(f"{name}: kept {manifest['n_kept']} of {manifest['n_rows']} rows -> {out_dir}")
+        click.echo(f"{name}: kept {sel['n_kept']} of {sel['n_rows']} rows -> {out_dir}")
 
     _emit(as_json, summary, human)
 

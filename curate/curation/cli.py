@@ -1,15 +1,16 @@
 """CLI verbs of the curation stages: ``curate dedup | decontam | filter | pii``.
 
-Each verb reads a canonical parquet table, runs the stage's steps and writes ``OUT_DIR`` with
-``curated.parquet``, ``rejected.parquet`` (with ``step`` and ``reason``), ``manifest.json`` (rows in/out
-and drops by reason per step, plus the step's stats) and, for dedup, ``clusters.parquet``.
+Each verb is an in-memory recipe of the stage's steps (:mod:`curate.pipeline.verbs`): it reads IN
+(a canonical parquet as it is, or any source file), runs the steps and writes the run folder
+``OUT_DIR`` as ``curate run`` does (``curated.parquet``, ``rejected.parquet`` with ``step`` and
+``reason``, ``manifest.json`` with the funnel, ``steps/``, ``report.html``) and, for dedup,
+``clusters.parquet``.
 Bad parameters raise :class:`~curate.errors.ParameterError` (exit 2 through ``curate.cli.main``).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,67 +18,23 @@ import click
 import polars as pl
 
 from curate.errors import ParameterError
-from curate.pipeline.outcome import reason_category
-from curate.pipeline.step import StepContext, check_step_output, step_params
 
 
-def _read_table(path: str) -> pl.DataFrame:
-    from curate.io.tables import read_table
+def run_steps(source: str | Path | pl.DataFrame, steps: list[dict[str, Any]], out_dir: str | Path, *,
+              targets: Any = None, seed: int = 0, command: str = "") -> dict[str, Any]:
+    """Run recipe ``steps`` (``{"use": ..., **params}``) on ``source`` into the run folder ``out_dir``
+    (:func:`curate.pipeline.verbs.run_verb`); the dedup steps' ``clusters.parquet`` files are gathered
+    into ``out_dir/clusters.parquet`` with the step that found them. Returns the manifest."""
+    from curate.io.writers import write_parquet
+    from curate.pipeline.verbs import run_verb
 
-    return read_table(path)
-
-
-def run_steps(table: pl.DataFrame, steps: list[tuple[str, Any]], out_dir: str | Path, *,
-              targets: pl.DataFrame | None = None, seed: int = 0, command: str = "") -> dict[str, Any]:
-    """Run ``(name, step)`` pairs in order on ``table`` and write the outputs to ``out_dir``.
-
-    Returns the manifest (also written as ``out_dir/manifest.json``).
-    """
-    from curate.io.writers import write_json, write_parquet
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    alive = pl.Series([True] * table.height)
-    funnel, clusters = [], []
-    for i, (name, step) in enumerate(steps, start=1):
-        step_dir = out_dir / "steps" / f"{i:02d}-{name}"
-        step_dir.mkdir(parents=True, exist_ok=True)
-        ctx = StepContext(seed=seed, targets=targets, step_dir=step_dir)
-        current = table.filter(alive)
-        t0 = time.time()
-        res = check_step_output(name, current, step.apply(current, ctx))
-        res = res.rename({c: f"{name}__{c}" for c in res.columns if c != "uid"})
-        table = table.join(res, on="uid", how="left", maintain_order="left")
-        kept = table[f"{name}__keep"].fill_null(False)
-        dropped: dict[str, int] = {}
-        for r in table.filter(alive & ~kept)[f"{name}__reason"].to_list():
-            key = reason_category(r)
-            dropped[key] = dropped.get(key, 0) + 1
-        funnel.append({"step": name, "use": step.name, "params": step_params(step), "rows_in": int(alive.sum()),
-                       "rows_out": int((alive & kept).sum()), "dropped": dropped,
-                       "seconds": round(time.time() - t0, 3), **ctx.stats})
-        alive = alive & kept
-        if (step_dir / "clusters.parquet").exists():
-            clusters.append(pl.read_parquet(step_dir / "clusters.parquet").with_columns(pl.lit(name).alias("step")))
-    curated = table.filter(alive)
-    rejected = table.filter(~alive)
-    names = [n for n, _ in steps]
-    if rejected.height:
-        step_expr, reason_expr = pl.lit(None, dtype=pl.Utf8), pl.lit(None, dtype=pl.Utf8)
-        for n in reversed(names):
-            hit = pl.col(f"{n}__keep").is_not_null() & ~pl.col(f"{n}__keep")
-            step_expr = pl.when(hit).then(pl.lit(n)).otherwise(step_expr)
-            reason_expr = pl.when(hit).then(pl.col(f"{n}__reason")).otherwise(reason_expr)
-        rejected = rejected.with_columns(step_expr.alias("step"), reason_expr.alias("reason"))
-    write_parquet(curated, out_dir / "curated.parquet")
-    write_parquet(rejected, out_dir / "rejected.parquet")
-    if clusters:
-        write_parquet(pl.concat(clusters, how="diagonal_relaxed"), out_dir / "clusters.parquet")
-    manifest = {"command": command, "rows": {"input": table.height, "curated": curated.height,
-                                             "rejected": rejected.height}, "steps": funnel,
-                "curated_path": str(out_dir / "curated.parquet"), "rejected_path": str(out_dir / "rejected.parquet")}
-    write_json(manifest, out_dir / "manifest.json")
-    return manifest
+    res = run_verb(command, source, steps, out_dir, targets=targets, seed=seed)
+    found = sorted((res.run_dir / "steps").glob("*/clusters.parquet"))
+    if found:
+        clusters = [pl.read_parquet(p).with_columns(pl.lit(p.parent.name.partition("-")[2]).alias("step"))
+                    for p in found]
+        write_parquet(pl.concat(clusters, how="diagonal_relaxed"), res.run_dir / "clusters.parquet")
+    return res.manifest
 
 
 def _emit(manifest: dict[str, Any], as_json: bool) -> None:
@@ -86,7 +43,7 @@ def _emit(manifest: dict[str, Any], as_json: bool) -> None:
         return
     r = manifest["rows"]
     click.echo(f"{r['input']} rows -> {r['curated']} curated, {r['rejected']} rejected")
-    for s in manifest["steps"]:
+    for s in manifest["steps"][1:]:  # the first entry is the ingest
         click.echo(f"  {s['step']}: {s['rows_in']} -> {s['rows_out']}  {s['dropped'] or ''}")
 
 
@@ -115,24 +72,20 @@ def dedup(input_path: str, output: str, exact: str | None, minhash: bool, thresh
           shingle: str, field: str, short_words: int | None, short_ngram: int | None, short_threshold: float | None,
           short_edits: int | None, semantic: bool, eps: float, model: str, as_json: bool) -> None:
     """Exact, MinHash and semantic dedup of IN into OUT_DIR."""
-    from curate.curation.exact import ExactDedup
-    from curate.curation.minhash import MinHashDedup
-    from curate.curation.semantic import SemanticDedup
-
-    steps: list[tuple[str, Any]] = []
+    steps: list[dict[str, Any]] = []
     if exact or not (minhash or semantic):
-        steps.append(("exact_dedup", ExactDedup(level=exact or "pair")))
+        steps.append({"use": "exact_dedup", "level": exact or "pair"})
     if minhash:
         short: dict[str, Any] = {k: v for k, v in (("short_words", short_words), ("short_ngram", short_ngram),
                                                    ("short_threshold", short_threshold), ("short_edits", short_edits))
                                  if v is not None}
         if short.get("short_edits") == -1:
             short["short_edits"] = None
-        steps.append(("minhash_dedup", MinHashDedup(field=field, shingle=shingle, ngram=ngram, num_perm=num_perm,
-                                                    threshold=threshold, **short)))
+        steps.append({"use": "minhash_dedup", "field": field, "shingle": shingle, "ngram": ngram, "num_perm": num_perm,
+                      "threshold": threshold, **short})
     if semantic:
-        steps.append(("semantic_dedup", SemanticDedup(field=field, eps=eps, model=model)))
-    _emit(run_steps(_read_table(input_path), steps, output, command="dedup"), as_json)
+        steps.append({"use": "semantic_dedup", "field": field, "eps": eps, "model": model})
+    _emit(run_steps(input_path, steps, output, command="dedup"), as_json)
 
 
 @click.command()
@@ -146,12 +99,13 @@ def dedup(input_path: str, output: str, exact: str | None, minhash: bool, thresh
 def decontam(input_path: str, targets: tuple[str, ...], output: str, ngram: int, embedding_threshold: float | None,
              index_path: str | None, as_json: bool) -> None:
     """Flag rows of IN overlapping the TARGET sets (n-grams, optionally embeddings)."""
-    from curate.curation.decontam import Decontam, read_targets
+    from curate.curation.decontam import check_target_paths
 
-    step = Decontam(ngram=ngram, embedding_threshold=embedding_threshold, index_path=index_path)
-    target_table = read_targets(list(targets))
-    _emit(run_steps(_read_table(input_path), [("decontam", step)], output, targets=target_table, command="decontam"),
-          as_json)
+    check_target_paths(targets)
+    step = {"use": "decontam", "ngram": ngram, "embedding_threshold": embedding_threshold,
+            "index_path": None if index_path is None else str(Path(index_path).resolve())}
+    _emit(run_steps(input_path, [step], output, targets=[{"path": t, "kind": "target"} for t in targets],
+                    command="decontam"), as_json)
 
 
 def _parse_rules(rules: tuple[str, ...]) -> dict[str, Any]:
@@ -182,7 +136,7 @@ def filter_(input_path: str, output: str, rules: tuple[str, ...], as_json: bool)
     unknown = sorted(set(params) - valid)
     if unknown:
         raise ParameterError(f"unknown filter rule(s) {unknown}. Valid: {sorted(valid)}.")
-    _emit(run_steps(_read_table(input_path), [("filter", HeuristicFilter(**params))], output, command="filter"), as_json)
+    _emit(run_steps(input_path, [{"use": "filter", **params}], output, command="filter"), as_json)
 
 
 @click.command()
@@ -193,16 +147,8 @@ def filter_(input_path: str, output: str, rules: tuple[str, ...], as_json: bool)
 @click.option("--json", "as_json", is_flag=True)
 def pii(input_path: str, output: str, redact: bool, drop: bool, as_json: bool) -> None:
     """Detect PII; flag (default), drop or redact."""
-    from curate.curation.pii import PII, redact_table
-    from curate.io.writers import write_parquet
-
-    table = _read_table(input_path)
     action = "drop" if drop else "redact" if redact else "flag"
-    manifest = run_steps(table, [("pii", PII(action=action))], output, command="pii")
-    if redact:
-        curated = pl.read_parquet(Path(output) / "curated.parquet")
-        write_parquet(redact_table(curated), Path(output) / "curated.parquet")
-    _emit(manifest, as_json)
+    _emit(run_steps(input_path, [{"use": "pii", "action": action}], output, command="pii"), as_json)
 
 
 COMMANDS = (dedup, decontam, filter_, pii)

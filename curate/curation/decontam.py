@@ -223,11 +223,16 @@ def embedding_contamination(
                         schema_overrides={"target_uid": pl.Utf8, "matched_field": pl.Utf8})
 
 
-def read_targets(paths: Sequence[str | os.PathLike[str]]) -> pl.DataFrame:
-    """Read target files/folders through ``curate.io.read_sources`` (kind ``target``)."""
+def check_target_paths(paths: Sequence[str | os.PathLike[str]]) -> None:
+    """FileNotFoundError naming every target file or folder that does not exist."""
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:
         raise FileNotFoundError(f"target file(s) not found: {', '.join(missing)}.")
+
+
+def read_targets(paths: Sequence[str | os.PathLike[str]]) -> pl.DataFrame:
+    """Read target files/folders through ``curate.io.read_sources`` (kind ``target``)."""
+    check_target_paths(paths)
     from curate.io import read_sources  # type: ignore[attr-defined]
 
     return read_sources([str(p) for p in paths], kind="target").table

@@ -222,7 +222,8 @@ class PII:
 
     Parameters:
         action: ``flag`` (default: keep rows, annotate), ``drop`` or ``redact`` (redacted turns in the
-            ``redacted`` column; use :func:`redact_table` for a rewritten table).
+            ``redacted`` column, and ``curated.parquet`` written with the text redacted:
+            :meth:`curated_output`).
         types: detector types to run (default all of ``PII_TYPES``).
     """
 
@@ -241,3 +242,8 @@ class PII:
         out = pii_scan(table, action=self.action, types=self.types)
         ctx.stats["pii"] = {"counts": pii_counts(out), "rows_with_pii": int((out["score"] > 0).sum())}
         return out
+
+    def curated_output(self, curated: pl.DataFrame) -> pl.DataFrame:
+        """The curated rows as written: PII replaced by placeholders with ``action="redact"``.
+        Steps never change rows; the run's writer calls this on its way out."""
+        return redact_table(curated, self.types) if self.action == "redact" else curated

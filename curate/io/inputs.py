@@ -22,7 +22,7 @@ from typing import Any
 import polars as pl
 
 from curate.errors import RecipeError
-from curate.io.readers import ReadResult, expand_inputs
+from curate.io.readers import REJECT_SCHEMA, ReadResult, expand_inputs
 from curate.io.sources import (
     check_input_keys,
     data_hash,
@@ -34,7 +34,9 @@ from curate.io.sources import (
     parse_map,
     read_sources,
 )
+from curate.io.tables import read_table
 from curate.io.writers import sha256_file
+from curate.schema import SCHEMA, validate_table
 
 
 @dataclass
@@ -157,8 +159,38 @@ def describe_inputs(specs: list[InputSpec]) -> list[dict[str, Any]]:
     return [entry for spec in specs for entry in describe_input(spec)]
 
 
+def canonical_input(spec: InputSpec) -> pl.DataFrame | None:
+    """The input as it is when it already is a canonical table (every column of
+    :data:`curate.schema.SCHEMA`: a run's ``curated.parquet``, a verb's output, a DataFrame from
+    ``curate.select``), else None.
+
+    Such a table keeps its uids and the ``<step>__*`` columns of the steps that made it, so a chain
+    of verbs gives the same table as one recipe with the same steps. A field map or an explicit
+    format means the user wants it read as a source file instead.
+    """
+    if spec.map or spec.format != "auto":
+        return None
+    if isinstance(spec.data, pl.DataFrame):
+        table, label = spec.data, describe_data(spec.data)
+    elif spec.data is None and spec.hub is None and spec.path is not None and not is_uri(spec.path) \
+            and spec.path.endswith(".parquet") and Path(spec.path).is_file():
+        if not set(SCHEMA) <= set(pl.read_parquet_schema(spec.path)):
+            return None
+        table, label = read_table(spec.path), spec.path
+    else:
+        return None
+    if not set(SCHEMA) <= set(table.columns):
+        return None
+    return validate_table(table, name=label)
+
+
 def read_input(spec: InputSpec, *, on_error: str = "fail", progress: bool = False) -> ReadResult:
-    """Read one recipe input (before its ``sample``)."""
+    """Read one recipe input (before its ``sample``); a canonical table is taken as it is
+    (:func:`canonical_input`)."""
+    table = canonical_input(spec)
+    if table is not None:
+        label = spec.path or describe_data(spec.data)
+        return ReadResult(table, pl.DataFrame(schema=REJECT_SCHEMA), {label: "canonical"}, [label])
     kw: dict[str, Any] = {"format": spec.format, "kind": spec.kind, "on_error": on_error, "progress": progress,
                           "map": spec.map}
     if spec.data is not None:

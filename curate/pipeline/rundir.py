@@ -31,7 +31,7 @@ from curate.io.writers import sha256_file, write_json
 
 LOCK = ".curate.lock"
 RUN_DONE = "DONE"
-FINAL_OUTPUTS = ("curated.parquet", "rejected.parquet", "manifest.json", "report.html")
+FINAL_OUTPUTS = ("curated.parquet", "rejected.parquet", "selection.parquet", "manifest.json", "report.html")
 
 
 def _holder_text(fd: int) -> str:

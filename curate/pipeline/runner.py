@@ -41,7 +41,7 @@ from curate.io.plugins import code_key
 from curate.io.store import FeatureStore
 from curate.io.writers import write_json, write_parquet, write_text
 from curate.pipeline.executors import get_executor
-from curate.pipeline.outcome import count_reasons, rejected_rows
+from curate.pipeline.outcome import count_reasons, write_outcome
 from curate.pipeline.recipe import InputSpec, Recipe
 from curate.pipeline.rundir import invalidate_outputs, load_finished, mark_run_done, run_lock
 from curate.pipeline.step import StepContext, check_step_output, step_params
@@ -49,6 +49,9 @@ from curate.report import write_report
 from curate.schema import SCHEMA
 
 INGEST = "00-ingest"
+# stats.json keys that the funnel entry already has, or that the manifest keeps elsewhere
+_FUNNEL_SKIP = frozenset({"step", "use", "params", "rows_in", "rows_out", "dropped", "seconds", "peak_rss_mb",
+                          "selection"})
 
 
 def curate_version() -> str:
@@ -184,7 +187,8 @@ def _read(specs: list[InputSpec], on_error: str, progress: bool, seed: int = 0) 
             table = table.filter(pl.col("uid").is_in(keep.implode()))
         tables.append(table)
         rejects.append(res.rejects)
-    table = pl.concat(tables, how="vertical") if tables else pl.DataFrame(schema=SCHEMA)
+    same = len({tuple(t.columns) for t in tables}) <= 1  # canonical tables may carry step columns
+    table = pl.concat(tables, how="vertical" if same else "diagonal_relaxed") if tables else pl.DataFrame(schema=SCHEMA)
     if len(tables) > 1:  # uids must stay unique across inputs (readers dedupe within one call)
         records = table.to_dicts()
         unique_uids(records)  # from content hashes, so repeats renamed per input cannot collide
@@ -201,6 +205,7 @@ def run_recipe(
     progress: bool = False,
     log: Any = None,
     executor: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> RunResult:
     """Run ``recipe`` and write its run folder. Returns counts, the funnel and the manifest.
 
@@ -210,6 +215,7 @@ def run_recipe(
         progress: show progress bars.
         log: a callable receiving log lines (they also go to ``run_dir/run.log``).
         executor: override the recipe's executor ("local", "ray", "ray:<address>").
+        extra: keys put first in manifest.json (a verb's ``command``).
     """
     started = time.time()
     try:
@@ -231,14 +237,16 @@ def run_recipe(
                 log(msg)
 
         try:
-            return _run(recipe, run_dir, rhash, inputs, targets_files, overwrite, progress, executor_obj, say, started)
+            return _run(recipe, run_dir, rhash, inputs, targets_files, overwrite, progress, executor_obj, say, started,
+                        extra)
         except BaseException as exc:  # the folder's own record of why it is incomplete
             say(f"error: {type(exc).__name__}: {exc}")
             raise
 
 
 def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]], targets_files: list[dict[str, Any]],
-         overwrite: bool, progress: bool, executor: Any, say: Any, started: float) -> RunResult:
+         overwrite: bool, progress: bool, executor: Any, say: Any, started: float,
+         extra: dict[str, Any] | None = None) -> RunResult:
     for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob("features/.*")]:  # temp files of a crashed run
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     changed = False
@@ -322,16 +330,14 @@ def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]]
             "step": spec.name, "use": spec.use, "rows_in": rows_in, "rows_out": int(alive.sum()),
             "dropped": stats.get("dropped", {}), "cached": cached, "peak_rss_mb": stats.get("peak_rss_mb"),
             "seconds": stats.get("seconds", 0.0) if not cached else round(time.time() - t0, 3), "key": key,
+            **{k: v for k, v in stats.items() if k not in _FUNNEL_SKIP},  # the step's own stats (pii counts ...)
         })
 
     # ---- outputs
     before_change()
-    curated = table.filter(alive)
-    rejected = rejected_rows(table, alive, ingest_rejects)
-    write_parquet(curated, run_dir / "curated.parquet")
-    write_parquet(rejected, run_dir / "rejected.parquet")
-    selected_hash = hashlib.blake2b("\n".join(sorted(curated["uid"].to_list())).encode(), digest_size=16).hexdigest()
+    sel_step = _selection_step(recipe, step_stats)
     manifest = {
+        **(extra or {}),
         "curate_version": curate_version(),
         "git_commit": git_commit(),
         "python": sys.version.split()[0],
@@ -343,15 +349,34 @@ def _run(recipe: Recipe, run_dir: Path, rhash: str, inputs: list[dict[str, Any]]
         "inputs": inputs,
         "targets": targets_files,
         "steps": funnel,
-        "rows": {"input": funnel[0]["rows_in"], "curated": curated.height, "rejected": rejected.height},
-        "selected_uids_hash": selected_hash,
+        "rows": {"input": funnel[0]["rows_in"]},
+        **({"selection": _selection_block(sel_step, step_stats)} if sel_step else {}),
         **({"tokens": tokens} if (tokens := _tokens_block(recipe, step_stats)) else {}),
         "seconds": round(time.time() - started, 3),
     }
-    write_json(manifest, run_dir / "manifest.json")
+    manifest = write_outcome(run_dir, table, alive, ingest_rejects, manifest, selection_step=sel_step,
+                             steps=[spec.step for spec in recipe.steps])
     _write_report(run_dir, say)
     mark_run_done(run_dir, rhash)
-    return RunResult(run_dir, funnel[0]["rows_in"], curated.height, rejected.height, funnel, manifest)
+    rows = manifest["rows"]
+    return RunResult(run_dir, rows["input"], rows["curated"], rows["rejected"], funnel, manifest)
+
+
+def _selection_step(recipe: Recipe, step_stats: dict[str, dict[str, Any]]) -> str | None:
+    """The last step that reported a selection (a selector step), or None."""
+    for spec in reversed(recipe.steps):
+        if "selection" in (step_stats.get(spec.name) or {}):
+            return spec.name
+    return None
+
+
+def _selection_block(step: str, step_stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's ``selection``: the selector step, its method, parameters, budget, rows kept,
+    feature sets and diagnostics (from its stats.json)."""
+    stats = step_stats[step]
+    sel = stats["selection"]
+    return {"step": step, "selector": stats.get("use"), "n_rows": stats.get("rows_in"),
+            "n_kept": stats.get("rows_out"), **sel}
 
 
 def reused_params(step: Any) -> tuple[str, ...]:

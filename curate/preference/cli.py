@@ -1,6 +1,7 @@
 """CLI verbs of preference curation: ``curate ches | diagnose | curriculum | export``.
 
-- ``ches`` writes ``curated.parquet``, ``rejected.parquet`` (with ``step``/``reason``), ``selection.parquet``
+- ``ches`` is the in-memory recipe ``ches_states`` → ``ches`` (:mod:`curate.pipeline.verbs`): the run
+  folder of ``curate run`` with ``curated.parquet``, ``rejected.parquet`` (with ``step``/``reason``), ``selection.parquet``
   (every pair: uid, score, ches__ches, ches__ln_ches, ches__len_chosen, ches__len_rejected, keep, rank,
   reason) and ``manifest.json``. Rows that are not preference pairs exit 2 naming the row; pairs with an
   empty response go to rejected with ``no_response_tokens``.
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 import polars as pl
 
 from curate.errors import SchemaError
@@ -62,48 +62,21 @@ def ches(input_path: str, output: str, model: str, keep_bottom: float | None, dr
          threshold: float | None, length_normalize: bool, max_length: int, batch_size: int, device: str,
          as_json: bool) -> None:
     """Filter preference pairs of IN by CHES / LN-CHES (Razin et al., ICLR 2025) into OUT_DIR."""
-    from curate.features.ches_states import ches_features
-    from curate.io.store import FeatureStore
-    from curate.io.writers import write_json, write_parquet
-    from curate.selectors.ches import ChesSelector, pair_problems
+    from curate.pipeline.verbs import run_verb
 
-    t0 = time.time()
-    sel = ChesSelector(measure="ln_ches" if length_normalize else "ches", keep_bottom_fraction=keep_bottom,
-                       drop_top_fraction=drop_top, threshold=threshold)
     table = _read(input_path)
     _require_pairs(table, input_path)
-    problems = pair_problems(table)
-    ok = pl.Series([p == "" for p in problems])
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    scored = table.filter(ok)
-    fs = ches_features(scored, model=model, store=FeatureStore(out / "features"), max_length=max_length,
-                       batch_size=batch_size, device=device)
-    res = sel.select(scored, {"ches": fs}, 1.0)
-    frame = res.frame
-    if table.height > scored.height:
-        skipped = table.filter(~ok).select("uid").with_columns(
-            pl.lit(-np.inf).alias("score"), pl.lit(False).alias("keep"), pl.lit(None, dtype=pl.Int64).alias("rank"),
-            pl.Series("reason", [p for p in problems if p]))
-        frame = pl.concat([frame, skipped], how="diagonal_relaxed")
-        frame = table.select("uid").join(frame, on="uid", how="left", maintain_order="left")
-    joined = table.join(frame.rename({c: f"ches__{c}" for c in ("score", "keep", "rank", "reason")}),
-                        on="uid", how="left", maintain_order="left")
-    curated = joined.filter(pl.col("ches__keep"))
-    rejected = joined.filter(~pl.col("ches__keep")).with_columns(pl.lit("ches").alias("step"),
-                                                                 pl.col("ches__reason").alias("reason"))
-    write_parquet(frame, out / "selection.parquet")
-    write_parquet(curated, out / "curated.parquet")
-    write_parquet(rejected, out / "rejected.parquet")
-    reasons = rejected["reason"].value_counts().sort("reason").rows() if rejected.height else []
-    manifest = {"command": "ches", "input": input_path, "model": model, "params": res.params,
-                "diagnostics": res.diagnostics, "rows": {"input": table.height, "curated": curated.height,
-                                                         "rejected": rejected.height},
-                "dropped": {str(r): int(n) for r, n in reasons}, "seconds": round(time.time() - t0, 2),
-                "feature_meta": {k: v for k, v in fs.meta.items() if k != "cache_key"}}
-    write_json(manifest, out / "manifest.json")
-    _emit(manifest, as_json, [f"{table.height} pairs -> {curated.height} curated, {rejected.height} rejected "
-                              f"({sel.measure}, {sel.mode()[0]}={sel.mode()[1]})", f"outputs in {out}"])
+    measure = "ln_ches" if length_normalize else "ches"
+    steps = [{"use": "ches_states", "model": model, "max_length": max_length, "batch_size": batch_size,
+              "device": device},
+             {"use": "ches", "measure": measure, "keep_bottom_fraction": keep_bottom, "drop_top_fraction": drop_top,
+              "threshold": threshold}]
+    manifest = run_verb("ches", input_path, steps, output).manifest
+    rows, params = manifest["rows"], manifest["selection"]["params"]
+    mode = next((f"{k}={params[k]}" for k in ("keep_bottom_fraction", "drop_top_fraction", "threshold")
+                 if params.get(k) is not None), "keep all")
+    _emit(manifest, as_json, [f"{rows['input']} pairs -> {rows['curated']} curated, {rows['rejected']} rejected "
+                              f"({measure}, {mode})", f"outputs in {output}"])
 
 
 @click.command()

@@ -1,12 +1,8 @@
-"""``curate select``: run one selector on files and write the run outputs.
+"""``curate select``: run one selector on files, as an in-memory recipe, into a run folder.
 
 :func:`select_files` does all the work so that the click command in ``curate/cli.py`` is a thin
-wrapper (parse options, call, print the summary, map errors to exit code 2):
-
-OUT_DIR/curated.parquet   kept rows (the input columns), in input order
-OUT_DIR/rejected.parquet  dropped rows plus ``reason``
-OUT_DIR/selection.parquet every candidate's uid/score/keep/rank/reason and extra columns
-OUT_DIR/manifest.json     selector, params, budget, seed, inputs with sha256, diagnostics
+wrapper (parse options, call, print the summary, map errors to exit code 2). The outputs are those
+of every run (:mod:`curate.pipeline.outcome`): curated, rejected and selection parquet, manifest.
 """
 
 from __future__ import annotations
@@ -22,8 +18,8 @@ import polars as pl
 import yaml
 
 from curate.errors import MissingFeatureError, RecipeError
-from curate.features.store import FeatureSet
-from curate.selectors.base import Budget, Selection
+from curate.io.store import FeatureSet
+from curate.selectors.base import Budget
 
 
 def parse_params(pairs: Sequence[str]) -> dict[str, Any]:
@@ -103,7 +99,21 @@ def resolve_feature_set(
     label: str = "--features",
     choose: str | None = None,
 ) -> FeatureSet:
-    """The one feature set that a feature-folder argument (``--features``, ``--target-features``,
+    """The feature set of :func:`resolve_feature_folder`, loaded (memory-mapped)."""
+    return FeatureSet.load(resolve_feature_folder(folder, names=names, target=target, pool_name=pool_name,
+                                                  label=label, choose=choose))
+
+
+def resolve_feature_folder(
+    folder: str | os.PathLike[str],
+    *,
+    names: Sequence[str] = (),
+    target: bool = False,
+    pool_name: str | None = None,
+    label: str = "--features",
+    choose: str | None = None,
+) -> Path:
+    """The folder of the one feature set that a feature-folder argument (``--features``, ``--target-features``,
     ``--scores``, ``curate whiten FEAT_DIR``) stands for.
 
     ``folder`` is either a feature-set folder (``values.npy``, ``uids.parquet``, ``meta.json``
@@ -124,24 +134,24 @@ def resolve_feature_set(
     if not folder.is_dir():
         raise MissingFeatureError(f"{label} folder {folder} does not exist.")
     if (folder / "values.npy").exists():
-        return FeatureSet.load(folder)
+        return folder
     sets = _store_sets(folder)
     if not sets:
         raise MissingFeatureError(f"{label} folder {folder} holds no feature set (no values.npy in it or in a "
                                   "subfolder); write one with `curate embed` / `curate gradients`.")
     for name in names:
         if name in sets:
-            return FeatureSet.load(sets[name])
+            return sets[name]
     pool_side = [n for n in sets if not n.endswith("/targets")]
     if not target and len(pool_side) == 1:
-        return FeatureSet.load(sets[pool_side[0]])
+        return sets[pool_side[0]]
     if target:
         tries = [next(iter(sets))] if len(sets) == 1 else []
         tries += [f"{pool_name}/targets"] if pool_name else []
         tries += [f"{pool_side[0]}/targets"] if len(pool_side) == 1 else []
         for name in tries:
             if name in sets:
-                return FeatureSet.load(sets[name])
+                return sets[name]
     side = "target" if target else "pool"
     side_sets = [n for n in sets if n.endswith("/targets")] if target else pool_side
     example = sets[(side_sets or list(sets))[0]]
@@ -153,50 +163,63 @@ def resolve_feature_set(
 
 
 def _load_features(folder: str | os.PathLike[str], roles: Sequence[str], defaults: Mapping[str, str],
-                   label: str, pool_names: Mapping[str, str] | None = None) -> dict[str, FeatureSet]:
-    """Fill every role in ``roles`` from ``folder`` (:func:`resolve_feature_set`): a feature-set
-    folder fills them all; in a store each role takes its default feature name (``defaults``), the
-    role name, or the store's one candidate set. ``pool_names`` (pool role -> the set name it got)
-    lets ``target_<role>`` find ``<name>/targets``."""
+                   label: str, pool_names: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """The feature-set folder of every role in ``roles`` from ``folder`` (:func:`resolve_feature_folder`):
+    a feature-set folder fills them all; in a store each role takes its default feature name
+    (``defaults``), the role name, or the store's one candidate set. ``pool_names`` (pool role -> the
+    set name it got) lets ``target_<role>`` find ``<name>/targets``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MissingFeatureError(f"{label} folder {folder} does not exist.")
-    out: dict[str, FeatureSet] = {}
+    out: dict[str, Path] = {}
     for role in roles:
         target = role.startswith("target_")
         names = [n for n in (defaults.get(role), role) if n]
         pool_name = (pool_names or {}).get(role[len("target_"):]) if target else None
-        out[role] = resolve_feature_set(folder, names=names, target=target, pool_name=pool_name, label=label)
+        out[role] = resolve_feature_folder(folder, names=names, target=target, pool_name=pool_name, label=label)
     return out
+
+
+def _set_name(folder: Path) -> str:
+    meta = folder / "meta.json"
+    return str(json.loads(meta.read_text()).get("name", folder.name)) if meta.exists() else folder.name
 
 
 def select_files(
     name: str,
-    input_path: str | os.PathLike[str],
+    input_path: str | os.PathLike[str] | pl.DataFrame,
     out_dir: str | os.PathLike[str],
     *,
     budget: Any,
     features: str | os.PathLike[str] | None = None,
     target_features: str | os.PathLike[str] | None = None,
-    target: str | os.PathLike[str] | None = None,
+    target: str | os.PathLike[str] | pl.DataFrame | None = None,
     scores: str | os.PathLike[str] | None = None,
     params: Mapping[str, Any] | None = None,
     seed: int = 0,
     tokenizer: str | None = None,
-) -> tuple[Selection, dict[str, Any]]:
-    """Run selector ``name`` on a canonical parquet table and write the outputs to ``out_dir``.
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run selector ``name`` on a canonical table into the run folder ``out_dir``; returns the manifest.
+
+    The call is the in-memory recipe ``[count_tokens (with tokenizer), <name>]`` run by the recipe
+    runner (:func:`curate.pipeline.verbs.run_verb`), so its folder has the layout of ``curate run``:
+    ``curated.parquet`` (input columns plus the steps' columns), ``rejected.parquet`` (``step``,
+    ``reason``), ``selection.parquet`` (every candidate's uid, score, keep, rank, reason and the
+    selector's extra columns) and ``manifest.json`` (its ``selection`` block: selector, parameters,
+    budget, rows kept, feature sets, diagnostics). The feature folders are resolved to one feature
+    set per role (:func:`resolve_feature_set`) and enter the cache key by content.
 
     ``tokenizer`` (a tokenizer folder, a cached Hub id or ``default``) counts every row's tokens
-    first (:func:`curate.curation.tokens.count_table`) into ``n_tokens`` / ``n_prompt_tokens`` /
-    ``n_response_tokens``, which token budgets then spend; the manifest's ``tokens`` block names
-    the tokenizer (or the column the counts came from, or ``approximate`` for the word estimate)
-    and the curated token count. Nothing is written when the budget's quotas cannot be met.
+    first (the ``count_tokens`` step), which token budgets then spend; the manifest's ``tokens``
+    block names the tokenizer (or ``approximate`` for the word estimate) and the curated token
+    count. Nothing is written when the budget's quotas cannot be met.
 
     Raises:
         RecipeError: unknown selector or parameter, bad budget or value (exit code 2 in the CLI).
         MissingFeatureError / SchemaError: missing features, mismatched target dimensions.
     """
-    from curate.io.writers import sha256_file, write_json, write_parquet
+    from curate.pipeline.verbs import run_verb
     from curate.selectors import get_selector
 
     cls = get_selector(name)
@@ -212,53 +235,20 @@ def select_files(
         bud = Budget.parse(budget)
     except ValueError as exc:
         raise RecipeError(str(exc)) from exc
-    table = pl.read_parquet(input_path)
-    tok_name = None
-    if tokenizer is not None:
-        from curate.curation.tokens import COUNT_COLUMNS, count_table
-
-        counts, info = count_table(table, None if tokenizer == "default" else tokenizer)
-        tok_name = info["tokenizer"]
-        table = table.drop([c for c in (*COUNT_COLUMNS, "n_rejected_tokens") if c in table.columns]).join(
-            counts, on="uid", how="left", maintain_order="left")
     roles = sel.required_features()
     pool_roles = [r for r in roles if not r.startswith("target_") and r != "scores"]
     target_roles = [r for r in roles if r.startswith("target_")]
-    feats: dict[str, FeatureSet] = {}
+    feats: dict[str, Path] = {}
     if features is not None:
         feats.update(_load_features(features, pool_roles, cls.default_features, "--features"))
     if target_features is not None:
         feats.update(_load_features(target_features, target_roles, cls.default_features, "--target-features",
-                                    pool_names={r: fs.name for r, fs in feats.items()}))
+                                    pool_names={r: _set_name(p) for r, p in feats.items()}))
     if scores is not None:
         feats.update(_load_features(scores, ["scores"], {}, "--scores"))
-    targets = pl.read_parquet(target) if target is not None else None
-    res = sel.select(table, feats, bud, seed=seed, targets=targets)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    joined = table.join(res.frame.select("uid", "keep", "reason", "rank"), on="uid", how="left", maintain_order="left")
-    write_parquet(res.frame, out / "selection.parquet")
-    write_parquet(joined.filter(pl.col("keep")).drop("keep", "reason", "rank"), out / "curated.parquet")
-    write_parquet(joined.filter(~pl.col("keep")).drop("keep", "rank"), out / "rejected.parquet")
-    inputs = {"input": {"path": str(input_path), "sha256": sha256_file(input_path)}}
-    for label, p in (("target", target),):
-        if p is not None:
-            inputs[label] = {"path": str(p), "sha256": sha256_file(p)}
-    used = {r: fs.name for r, fs in feats.items()}
-    for label, p in (("features", features), ("target_features", target_features), ("scores", scores)):
-        if p is not None:
-            inputs[label] = {"path": str(p)}
-    for label, rs in (("features", pool_roles), ("target_features", target_roles), ("scores", ["scores"])):
-        if label in inputs and any(r in used for r in rs):
-            inputs[label]["sets"] = {r: used[r] for r in rs if r in used}
-    tokens = dict(res.diagnostics.get("tokens") or {})
-    if tokens:
-        tokens["tokenizer"] = tok_name or (None if tokens["approximate"] else f"counted ({tokens['counted_by']})")
-    manifest = {
-        "command": "select", "selector": name, "params": res.params, "budget": bud.describe(), "seed": seed,
-        "inputs": inputs, "n_rows": table.height, "n_kept": res.n_kept, "diagnostics": res.diagnostics,
-        **({"tokens": tokens} if tokens else {}),
-        "outputs": ["curated.parquet", "rejected.parquet", "selection.parquet", "manifest.json"],
-    }
-    write_json(manifest, out / "manifest.json")
-    return res, manifest
+    steps: list[dict[str, Any]] = []
+    if tokenizer is not None:
+        steps.append({"use": "count_tokens", "tokenizer": None if tokenizer == "default" else tokenizer})
+    steps.append({"use": name, **params, "budget": bud.describe(),
+                  **({"features": {r: str(p.resolve()) for r, p in feats.items()}} if feats else {})})
+    return run_verb("select", input_path, steps, out_dir, targets=target, seed=seed, progress=progress).manifest

@@ -5,7 +5,8 @@ Each step is a frozen keyword-only dataclass with the selector's parameters plus
 - ``budget``: int → n rows, float in (0, 1] → fraction, or a mapping ``{n|fraction|tokens: v}``
   (or ``"tokens:2e6"``);
 - ``features``: mapping role → feature name in ``ctx.features`` (defaults per selector, e.g.
-  ``{"grads": "grad/adam", "target_grads": "grad/sgd/targets"}``).
+  ``{"grads": "grad/adam", "target_grads": "grad/sgd/targets"}``) or the absolute path of a
+  feature-set folder made elsewhere (the key then hashes the folder's content).
 
 ``apply`` returns ``uid, keep, reason, score, rank`` (+ the selector's extra columns) per row;
 the Selection diagnostics go to ``ctx.stats["selection"]`` (stats.json).
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from curate.errors import MissingFeatureError, param_error
+from curate.io.store import FeatureSet
 from curate.pipeline.registry import register_step
 from curate.pipeline.step import StepContext
 from curate.selectors.base import BaseSelector, Budget
@@ -63,7 +66,7 @@ class SelectorStep:
         sel: BaseSelector = self._selector  # type: ignore[attr-defined]
         feats = {}
         for role, fname in self.feature_names().items():
-            fs = ctx.features.get(fname)
+            fs = _feature_folder(fname) or ctx.features.get(fname)
             if fs is None:
                 raise MissingFeatureError(
                     f"step '{sel.name}': feature '{fname}' (role '{role}') is not in the run's feature store "
@@ -72,8 +75,19 @@ class SelectorStep:
                 )
             feats[role] = fs
         res = sel.select(table, feats, self._budget, seed=ctx.seed, targets=ctx.targets)  # type: ignore[attr-defined]
-        ctx.stats["selection"] = {"params": res.params, "diagnostics": res.diagnostics}
+        ctx.stats["selection"] = {"params": res.params, "budget": self._budget.describe(),  # type: ignore[attr-defined]
+                                  "features": {role: fs.name for role, fs in feats.items()},
+                                  "diagnostics": res.diagnostics}
         return res.frame
+
+
+def _feature_folder(name: str) -> FeatureSet | None:
+    """A feature set given by the absolute path of its folder (``curate select --features DIR``
+    resolves its folders to these), else None: the name is looked up in the run's store."""
+    path = Path(name)
+    if path.is_absolute() and (path / "values.npy").is_file():
+        return FeatureSet.load(path)
+    return None
 
 
 def make_step(cls: type[BaseSelector]) -> type:

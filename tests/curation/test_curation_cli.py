@@ -39,7 +39,7 @@ def test_dedup_filter_pii(tmp_path):
     assert json.loads(res.output)["rows"]["rejected"] == 1
     assert pl.read_parquet(tmp_path / "f" / "rejected.parquet")["reason"][0].startswith("refusal:")
     res = CliRunner().invoke(pii, [str(src), "-o", str(tmp_path / "p"), "--redact", "--json"])
-    assert res.exit_code == 0 and json.loads(res.output)["steps"][0]["pii"]["counts"]["email"] == 1
+    assert res.exit_code == 0 and json.loads(res.output)["steps"][1]["pii"]["counts"]["email"] == 1
     cur = pl.read_parquet(tmp_path / "p" / "curated.parquet")
     assert "[EMAIL]" in cur["messages"][2][1]["content"]
 

@@ -133,6 +133,6 @@ def test_step_and_select_manifest(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     cur = pl.read_parquet(tmp_path / "out" / "curated.parquet")
     assert manifest["tokens"]["tokenizer"] == "smollm2-135m-instruct"
-    assert manifest["tokens"]["curated"] == cur["n_tokens"].sum() <= 800 and not manifest["tokens"]["approximate"]
+    assert manifest["tokens"]["curated"] == cur["count_tokens__n_tokens"].sum() <= 800 and not manifest["tokens"]["approximate"]
     rc = main(["select", "random", str(src), "-o", str(tmp_path / "approx"), "--budget", "tokens:800"])
     assert rc == 0 and json.loads((tmp_path / "approx" / "manifest.json").read_text())["tokens"]["approximate"]

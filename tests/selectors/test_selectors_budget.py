@@ -186,7 +186,7 @@ def test_cli_stratified_budget_and_infeasible_exit_2(tmp_path, capsys):
     cur = pl.read_parquet(out / "curated.parquet")
     assert dict(cur["grp"].value_counts().rows()) == {"a": 10, "b": 7, "c": 3}
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["budget"]["ratios"] == RATIOS and manifest["tokens"]["curated"] == cur["n_tokens"].sum()
+    assert manifest["selection"]["budget"]["ratios"] == RATIOS and manifest["tokens"]["curated"] == cur["n_tokens"].sum()
     bad = tmp_path / "bad"
     rc = main(["select", "random", str(src), "-o", str(bad), "--budget", "20", "--by", "grp",
                "--ratio", "a=0.3,b=0.2,c=0.5"])

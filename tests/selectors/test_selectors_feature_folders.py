@@ -43,8 +43,10 @@ def test_select_store_folder_equals_set_folder(embedded, capsys) -> None:
     inner = _select("tarot", d, "tarot_inner", d["feats"] / "embed__prompt", d["tfeats"] / "embed__prompt")
     assert store.equals(inner) and store["keep"].sum() > 0
     manifest = json.loads((d["dir"] / "tarot_store" / "manifest.json").read_text())
-    assert manifest["inputs"]["features"]["sets"] == {"feats": "embed/prompt"}
-    assert manifest["inputs"]["target_features"]["sets"] == {"target_feats": "embed/prompt"}
+    assert manifest["selection"]["features"] == {"feats": "embed/prompt", "target_feats": "embed/prompt"}
+    feats = manifest["recipe"]["steps"][0]["features"]  # the folders the store arguments resolved to
+    assert feats == {"feats": str((d["feats"] / "embed__prompt").resolve()),
+                     "target_feats": str((d["tfeats"] / "embed__prompt").resolve())}
     k_store = _select("kcenter", d, "kc_store", d["feats"])
     k_inner = _select("kcenter", d, "kc_inner", d["feats"] / "embed__prompt")
     assert k_store.equals(k_inner) and int(k_store["keep"].sum()) == 12

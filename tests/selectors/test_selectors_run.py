@@ -30,17 +30,20 @@ def files(tmp_path):
 
 def test_selectors_run_outputs(files) -> None:
     d, table = files
-    res, manifest = select_files("bids", d / "in.parquet", d / "out", budget="0.2", features=d / "feat",
-                                 target_features=d / "tfeat", target=d / "targets.parquet", params={"prune": False})
+    manifest = select_files("bids", d / "in.parquet", d / "out", budget="0.2", features=d / "feat",
+                            target_features=d / "tfeat", target=d / "targets.parquet", params={"prune": False})
     cur = pl.read_parquet(d / "out" / "curated.parquet")
     rej = pl.read_parquet(d / "out" / "rejected.parquet")
     sel = pl.read_parquet(d / "out" / "selection.parquet")
     assert cur.height == 6 and rej.height == 24 and sel.height == 30
     assert set(cur["uid"]) | set(rej["uid"]) == set(table["uid"])
-    assert (rej["reason"] == "below_budget_cutoff").all()
-    assert cur.columns == table.columns
+    assert (rej["reason"] == "below_budget_cutoff").all() and (rej["step"] == "bids").all()
+    assert cur.columns[: len(table.columns)] == table.columns  # then the step's own columns
+    assert sel.columns[:3] == ["uid", "score", "keep"] and sorted(cur["bids__rank"]) == list(range(1, 7))
     m = json.loads((d / "out" / "manifest.json").read_text())
-    assert m["n_kept"] == 6 and m["params"]["prune"] is False and "thi" in m["diagnostics"]
+    assert m == manifest and m["command"] == "select"
+    s = m["selection"]
+    assert s["n_kept"] == 6 and s["params"]["prune"] is False and "thi" in s["diagnostics"]
 
 
 def test_selectors_run_bad_input(files) -> None:
@@ -54,8 +57,8 @@ def test_selectors_run_bad_input(files) -> None:
     with pytest.raises(SchemaError, match="do not match"):
         select_files("less", d / "in.parquet", d / "o", budget=3, features=d / "feat", target_features=d / "tfeat3")
     with pytest.warns(UserWarning, match="exceeds the pool"):
-        res, _ = select_files("random", d / "in.parquet", d / "o", budget=100)
-    assert res.n_kept == 30
+        m = select_files("random", d / "in.parquet", d / "o", budget=100)
+    assert m["selection"]["n_kept"] == 30
     assert (d / "o" / "curated.parquet").read_bytes() != b""
     assert parse_params(["mode=otm", "k_nn=5", "w=[1, 2]"]) == {"mode": "otm", "k_nn": 5, "w": [1, 2]}
     with pytest.raises(RecipeError):
