@@ -46,6 +46,13 @@ _EXPORTS: dict[str, str] = {
     "knn": "curate.features.index",
     "kmeans": "curate.features.index",
     "write_report": "curate.report",
+    # notebook functions: the verbs as calls returning an Outcome
+    "dedup": "curate.api",
+    "filter": "curate.api",
+    "select": "curate.api",
+    "embed": "curate.api",
+    "run_steps": "curate.api",
+    "Outcome": "curate.api",
     # selectors
     "Budget": "curate.selectors",
     "Selection": "curate.selectors",

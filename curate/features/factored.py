@@ -45,7 +45,8 @@ import numpy as np
 
 from curate._lazy import require
 from curate.errors import SchemaError, param_error
-from curate.features.per_example import Layout, _hook_modules, capture_layer_io
+from curate.features.capture import param_modules, weight_dims
+from curate.features.per_example import Layout, capture_layer_io
 
 STREAM_FACT = 0x4C4F4752  # "LOGR": the seed stream of factored projections
 KINDS = ("rademacher", "gaussian")
@@ -114,25 +115,25 @@ class FactoredProjector:
         if kind not in KINDS:
             raise param_error("FactoredProjector", "kind", f"one of {KINDS}", kind)
         try:
-            tracked = _hook_modules(model, layout)
+            tracked = param_modules(model, layout.names)
         except TypeError as exc:
             raise param_error("grad_features", "projection", "'dense' when a tracked tensor is not the weight or "
                               f"bias of an nn.Linear / Conv1D ({exc})", "factored") from None
-        mod_name = {id(m): n.rpartition(".")[0] for n, m, _, _ in tracked}
-        widths: dict[str, tuple[int, int]] = {}
-        for _, m, _, conv1d in tracked:
-            w = m.weight.shape
-            widths.setdefault(mod_name[id(m)], (int(w[0]), int(w[1])) if conv1d else (int(w[1]), int(w[0])))
+        modules = dict(model.named_modules())
+        widths: dict[str, tuple[int, int]] = {}  # module -> (d_in, d_out)
+        for t in tracked:
+            d_out, d_in = weight_dims(modules[t.module])
+            widths.setdefault(t.module, (d_in, d_out))
         k = math.isqrt(dim // len(widths)) if dim >= len(widths) else 0
         if k < 1:
             raise param_error("grad_features", "proj_dim", f"at least the number of tracked modules ({len(widths)}) "
                               "for the factored projection", dim)
         self.factors = {nm: ModuleFactor(nm, di, do, min(k, di), min(k, do)) for nm, (di, do) in widths.items()}
         blocks, src, dst = [], 0, 0
-        for (_n, m, attr, conv1d), size in zip(tracked, layout.sizes, strict=True):
-            f = self.factors[mod_name[id(m)]]
-            out = f.k_out if attr == "bias" else f.k_out * f.k_in
-            blocks.append(_Block(f.module, attr, conv1d, slice(src, src + size), slice(dst, dst + out)))
+        for t, size in zip(tracked, layout.sizes, strict=True):
+            f = self.factors[t.module]
+            out = f.k_out if t.attr == "bias" else f.k_out * f.k_in
+            blocks.append(_Block(f.module, t.attr, t.conv1d, slice(src, src + size), slice(dst, dst + out)))
             src, dst = src + size, dst + out
         self.blocks: tuple[_Block, ...] = tuple(blocks)
         self.n_params, self.dim, self.requested_dim = layout.n_params, dst, int(dim)
@@ -203,21 +204,15 @@ class FactoredProjector:
 
     # ------------------------------------------------------------------ from layer factors
     def project_io(self, io: dict[str, list[tuple[Any, Any]]], batch: int, like: Any) -> Any:
-        """Φ (B, dim) from each module's captured (input a, output gradient g) pairs, projecting
-        a and g before their outer product (the module docstring's Σ_t (P_out g_t)(P_in a_t)ᵀ)."""
+        """Φ (B, dim) from each module's captured (input a (B, T, d_in), output gradient g (B, T, d_out))
+        pairs, one per call, projecting a and g before their outer product (the module docstring's
+        Σ_t (P_out g_t)(P_in a_t)ᵀ)."""
         torch = require("torch", "gradient projection")
         out = torch.zeros((batch, self.dim), dtype=self._ftype(like), device=like.device)
         proj: dict[str, list[tuple[Any, Any]]] = {}
         for module, calls in io.items():
-            parts = []
-            for a, g in calls:
-                if g is None:  # this call's output does not reach the loss
-                    continue
-                a3 = a.reshape(batch, -1, a.shape[-1]).to(out.dtype)
-                g3 = g.reshape(batch, -1, g.shape[-1]).to(out.dtype)
-                p_out, p_in = self._tmat(module, out)
-                parts.append((g3 @ p_out.T, a3 @ p_in.T))
-            proj[module] = parts
+            p_out, p_in = self._tmat(module, out)
+            proj[module] = [(g.to(out.dtype) @ p_out.T, a.to(out.dtype) @ p_in.T) for a, g in calls]
         for blk in self.blocks:
             acc = None
             for pg, pa in proj[blk.module]:
@@ -237,13 +232,11 @@ def factored_features(model: Any, layout: Layout, examples: Sequence[Any], proje
                       loss_reduction: str = "mean", pad_token_id: int = 0) -> tuple[Any, Any]:
     """Projected per-example gradients (B, dim) and losses (B,) without forming any per-example gradient.
 
-    One batched forward/backward records every tracked module's inputs and output gradients
+    One batched forward/backward captures every tracked module's inputs and output gradients
     (:func:`~curate.features.per_example.capture_layer_io`); :meth:`FactoredProjector.project_io`
     projects both before their outer product. Equal to ``projector.project(per_example_grads(...))``
     up to float round-off (tested in float64).
     """
-    tracked, io, losses = capture_layer_io(model, layout, examples, loss_reduction, pad_token_id)
-    by_name = {id(m): n.rpartition(".")[0] for n, m, _, _ in tracked}
-    named = {by_name[key]: calls for key, calls in io.items()}
-    like = next(model.parameters())
-    return projector.project_io(named, len(examples), like), losses
+    _, cap = capture_layer_io(model, layout, examples, loss_reduction, pad_token_id)
+    io = {m: [(a, g) for a, g, _ in cap.calls(m, fold_bias=False)] for m in projector.factors}
+    return projector.project_io(io, len(examples), next(model.parameters())), cap.loss

@@ -8,8 +8,10 @@ MLP presets) and ``func`` otherwise, since hooks need no vmap support from the m
 right padded and run without an attention mask (with causal attention, trailing padding cannot
 affect real tokens), which makes each row's gradient independent of its batch.
 
-Kept apart from :mod:`curate.features.gradients` (features, Adam, the step) so that the factored
-projection (:mod:`curate.features.factored`) can reuse the layer capture without a cycle.
+The ``hooks`` back-end and the factored projection (:mod:`curate.features.factored`) share one
+layer capture, :mod:`curate.features.capture` (layer inputs a and output gradients g; the
+per-example weight gradient is Σ_t g_t a_tᵀ). Kept apart from :mod:`curate.features.gradients`
+(features, Adam, the step) so that the factored projection can use it without a cycle.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 from curate._lazy import require
 from curate.errors import SchemaError, param_error
+from curate.features.capture import BatchCapture, TrackedTensor, batch_captures, param_modules, per_sequence_grads
 from curate.features.lm_batches import block_index, collate, row_losses
 
 METHODS = ("auto", "func", "hooks", "loop")
@@ -194,101 +197,61 @@ def _grads_func(model: Any, layout: Layout, examples: Sequence[Any], reduction: 
     return flat, losses
 
 
-def _hook_modules(model: Any, layout: Layout) -> list[tuple[str, Any, str, bool]]:
-    """(param name, module, 'weight'|'bias', is_conv1d) for every tracked tensor, or raise."""
-    torch = require("torch", "gradient features")
-    modules = dict(model.named_modules())
-    out = []
-    for n in layout.names:
-        mod_name, _, attr = n.rpartition(".")
-        mod = modules.get(mod_name)
-        conv1d = type(mod).__name__ == "Conv1D"
-        if attr not in ("weight", "bias") or not (isinstance(mod, torch.nn.Linear) or conv1d):
-            raise TypeError(f"parameter {n} does not belong to an nn.Linear or Conv1D; use method='func' or 'loop'.")
-        out.append((n, mod, attr, conv1d))
-    return out
-
-
 def hooks_supported(model: Any, layout: Layout) -> bool:
     """Whether every tracked tensor is the weight or bias of a Linear / GPT-2 Conv1D."""
     try:
-        _hook_modules(model, layout)
+        param_modules(model, layout.names)
     except TypeError:
         return False
     return True
 
 
 def capture_layer_io(model: Any, layout: Layout, examples: Sequence[Any], reduction: str,
-                     pad: int) -> tuple[list[tuple[str, Any, str, bool]], dict[int, list[tuple[Any, Any]]], Any]:
-    """One batched forward/backward that records, for every tracked module call, its input a (B, T, d_in)
-    and the gradient g (B, T, d_out) of the summed row losses w.r.t. its output.
+                     pad: int) -> tuple[list[TrackedTensor], BatchCapture]:
+    """One batched forward/backward of the summed row losses that captures, for every call of every
+    module owning a tracked tensor, its input a (B, T, d_in) and output gradient g (B, T, d_out)
+    (:mod:`curate.features.capture`).
 
-    Since rows do not interact (no attention mask, right padding), the per-example weight gradient
-    is Σ_t g_t a_tᵀ from these two factors alone; callers form it (:func:`_grads_hooks`) or project
-    the factors first (:mod:`curate.features.factored`).
+    Rows do not interact (no attention mask, right padding), so the per-example weight gradient is
+    Σ_t g_t a_tᵀ from these two factors alone; callers form it (:func:`_grads_hooks`) or project the
+    factors first (:mod:`curate.features.factored`). A module that does not run has no calls (its
+    gradient is 0).
 
     Returns:
-        (tracked, io, losses): :func:`_hook_modules`'s list, ``id(module) -> [(a, g), ...]`` (g None
-        when the output does not reach the loss) and the (B,) detached losses.
+        (tracked, capture): :func:`~curate.features.capture.param_modules` of the layout and the
+        batch's :class:`~curate.features.capture.BatchCapture` (``loss`` holds the (B,) losses).
     """
-    torch = require("torch", "gradient features")
-    tracked = _hook_modules(model, layout)
-    mods = {id(m): m for _, m, _, _ in tracked}
-    store: dict[int, list[tuple[Any, Any]]] = {k: [] for k in mods}
-    handles = []
-
-    def make_hook(key: int) -> Any:
-        def hook(_mod: Any, inputs: Any, output: Any) -> None:
-            store[key].append((inputs[0].detach(), output))
-        return hook
-
-    params = dict(model.named_parameters())
-    flags = {n: p.requires_grad for n, p in params.items()}
+    tracked = param_modules(model, layout.names)
     dev = _model_device(model)
-    try:
-        for n, p in params.items():
-            p.requires_grad_(n in set(layout.names))
-        for key, m in mods.items():
-            handles.append(m.register_forward_hook(make_hook(key)))
-        ids, labels = collate(examples, pad)
-        losses = row_losses(_logits(model, ids.to(dev)), labels.to(dev), reduction)
-        outs = [o for key in mods for _, o in store[key]]
-        gouts = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
-        for n, p in params.items():
-            p.requires_grad_(flags[n])
-    it = iter(gouts)
-    io = {key: [(a, next(it)) for a, _ in store[key]] for key in mods}
-    return tracked, io, losses.detach()
+
+    def losses(batch: tuple[Any, Any]) -> Any:
+        ids, labels = batch
+        return row_losses(_logits(model, ids.to(dev)), labels.to(dev), reduction)
+
+    (cap,) = batch_captures(model, list(dict.fromkeys(t.module for t in tracked)), examples, loss=losses,
+                            collate=lambda rows: collate(rows, pad), params=layout.names, strict=False)
+    return tracked, cap
 
 
 def _grads_hooks(model: Any, layout: Layout, examples: Sequence[Any], reduction: str, pad: int) -> tuple[Any, Any]:
+    """G (B, P) in layout order from one capture: a weight block is Σ_t g_t a_tᵀ (transposed for a
+    Conv1D, which stores W as d_in × d_out), a bias block Σ_t g_t."""
     torch = require("torch", "gradient features")
-    tracked, grads_of, losses = capture_layer_io(model, layout, examples, reduction, pad)
+    tracked, cap = capture_layer_io(model, layout, examples, reduction, pad)
     params = dict(model.named_parameters())
-    dev = _model_device(model)
-    cols = []
     b = len(examples)
-    for _n, mod, attr, conv1d in tracked:
-        acc = None
-        for a, g in grads_of[id(mod)]:
-            if g is None:
-                continue
-            a3 = a.reshape(b, -1, a.shape[-1])
-            g3 = g.reshape(b, -1, g.shape[-1])
-            if attr == "bias":
-                part = g3.sum(dim=1)
-            elif conv1d:
-                part = torch.einsum("bti,bto->bio", a3, g3)
-            else:
-                part = torch.einsum("bti,bto->boi", a3, g3)
-            acc = part if acc is None else acc + part
-        if acc is None:
-            acc = torch.zeros((b, *params[_n].shape), dtype=params[_n].dtype, device=dev)
-        cols.append(acc.reshape(b, -1))
-    return torch.cat(cols, dim=1), losses
+    cols = []
+    for t in tracked:
+        calls = cap.calls(t.module, fold_bias=False)
+        if not calls:
+            part = torch.zeros((b, *params[t.param].shape), dtype=params[t.param].dtype, device=_model_device(model))
+        elif t.attr == "bias":
+            part = sum(g.sum(dim=1) for _, g, _ in calls)
+        else:
+            part = per_sequence_grads(calls)
+            part = part.transpose(1, 2) if t.conv1d else part
+        cols.append(part.reshape(b, -1))
+    return torch.cat(cols, dim=1), cap.loss
 
 
 def per_example_grads(

@@ -20,7 +20,7 @@ _EXPORTS = {
     "pairwise_scores": "curate.influence.scores",
     "self_scores": "curate.influence.scores",
     "tfidf_topk": "curate.influence.tfidf",
-    "select_modules": "curate.influence._capture",
+    "select_modules": "curate.features.capture",
     "fit_table": "curate.influence.api",
     "score_tables": "curate.influence.api",
     "save_scores": "curate.influence.api",

@@ -85,7 +85,7 @@ def check_model(curv: Any, model: Any, *, where: str = "factors") -> None:
     Raises:
         SchemaError: a tracked module is missing, has other dimensions or other weights.
     """
-    from curate.influence._capture import layer_dims
+    from curate.features.capture import layer_dims
 
     mods = dict(model.named_modules())
     missing = [n for n in curv.names if n not in mods]

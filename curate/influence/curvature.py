@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from curate._lazy import require
 from curate.errors import ParameterError, SchemaError, param_error
-from curate.influence._capture import Tracker, layer_dims, select_modules
+from curate.features.capture import BatchCapture, batch_captures, layer_dims, per_sequence_grads, select_modules
 from curate.influence.task import Task
 
 torch = require("torch", "influence functions")
@@ -179,30 +179,23 @@ class Curvature:
         self.fitted = True
         return self
 
-    def _batches(self, examples: Sequence[Any]) -> Iterable[Sequence[Any]]:
-        for i in range(0, len(examples), self.batch_size):
-            yield examples[i : i + self.batch_size]
-
-    def _loss(self, model: Any, task: Task, batch: Any, gen: Any) -> Any:
-        return task.sampled_loss(model, batch, gen) if self.fisher == "true" else task.loss(model, batch)
+    def _captures(self, model: Any, task: Task, examples: Sequence[Any], gen: Any) -> Iterator[BatchCapture]:
+        return task_captures(model, task, self.names, examples, batch_size=self.batch_size, dtype=self.dtype,
+                             sampled_with=gen if self.fisher == "true" else None)
 
     def _covariances(self, model: Any, task: Task, examples: Sequence[Any], gen: Any) -> None:
         acc_a = {n: 0.0 for n in self.names}
         acc_s = {n: 0.0 for n in self.names}
         n_tok = 0.0
-        with Tracker(model, self.names, self.dtype) as tr:
-            for chunk in self._batches(examples):
-                batch = task.collate(chunk)
-                tr.reset()
-                tr.backward(self._loss(model, task, batch, gen))
-                mask = task.token_mask(batch)
-                for n in self.names:
-                    for a, g, m in tr.calls(n, mask):
-                        am = a * m[..., None]
-                        acc_a[n] = acc_a[n] + torch.einsum("bti,btj->ij", am, a)
-                        acc_s[n] = acc_s[n] + torch.einsum("bto,btp->op", g * m[..., None], g)
-                first = tr.calls(self.names[0], mask)[0][2]
-                n_tok += float(first.sum())
+        for cap in self._captures(model, task, examples, gen):
+            for n in self.names:
+                calls = cap.calls(n)
+                for a, g, m in calls:
+                    am = a * m[..., None]
+                    acc_a[n] = acc_a[n] + torch.einsum("bti,btj->ij", am, a)
+                    acc_s[n] = acc_s[n] + torch.einsum("bto,btp->op", g * m[..., None], g)
+                if n == self.names[0]:  # tokens counted once per batch, on the first module's first call
+                    n_tok += float(calls[0][2].sum())
         self.n_tokens = n_tok
         for n in self.names:
             a_cov, s_cov = acc_a[n] / n_tok, acc_s[n] / n_tok
@@ -224,20 +217,15 @@ class Curvature:
 
     def _second_pass(self, model: Any, task: Task, examples: Sequence[Any], gen: Any) -> None:
         acc = {n: 0.0 for n in self.names}
-        with Tracker(model, self.names, self.dtype) as tr:
-            for chunk in self._batches(examples):
-                batch = task.collate(chunk)
-                tr.reset()
-                tr.backward(self._loss(model, task, batch, gen))
-                mask = task.token_mask(batch)
-                for n in self.names:
-                    calls = tr.calls(n, mask)
-                    if self.strategy == "diagonal":
-                        gn = per_sequence_grads(calls)
-                        acc[n] = acc[n] + (gn.to(torch.float64) ** 2).sum(0)
-                    else:
-                        rot = _rotated_grads(calls, self.factors[n], self.dtype)
-                        acc[n] = acc[n] + (rot.to(torch.float64) ** 2).sum(0)
+        for cap in self._captures(model, task, examples, gen):
+            for n in self.names:
+                calls = cap.calls(n)
+                if self.strategy == "diagonal":
+                    gn = per_sequence_grads(calls)
+                    acc[n] = acc[n] + (gn.to(torch.float64) ** 2).sum(0)
+                else:
+                    rot = _rotated_grads(calls, self.factors[n], self.dtype)
+                    acc[n] = acc[n] + (rot.to(torch.float64) ** 2).sum(0)
         for n in self.names:
             v = acc[n] / len(examples)
             if not bool(torch.isfinite(v).all()):
@@ -400,12 +388,18 @@ class Curvature:
         return cls(**args).load(folder)
 
 
-def per_sequence_grads(calls: Sequence[tuple[Any, Any, Any]]) -> Any:
-    """G_n = Σ_calls Σ_t m_t g_t a_tᵀ, shape (B, d_out, d_in+1)."""
-    total = 0
-    for a, g, m in calls:
-        total = total + torch.einsum("bto,bti->boi", g * m[..., None], a)
-    return total
+def task_captures(
+    model: Any, task: Task, names: Sequence[str], examples: Sequence[Any], *, batch_size: int, dtype: Any,
+    sampled_with: Any = None,
+) -> Iterator[BatchCapture]:
+    """Per-micro-batch captures (a, g, m) of ``task``'s loss (docs/methods/ekfac.md §3): the data-label
+    ℓ_sum, or with a generator ``sampled_with`` the sampled-label loss whose gradient samples the true
+    Fisher; m is the task's token mask. The one loop behind fitting, scoring and Quad's reward."""
+    sampled = sampled_with is not None
+    return batch_captures(
+        model, names, examples, batch_size=batch_size, collate=task.collate, mask=task.token_mask, dtype=dtype,
+        loss=(lambda b: task.sampled_loss(model, b, sampled_with)) if sampled else (lambda b: task.loss(model, b)),
+    )
 
 
 def _rotated_grads(calls: Sequence[tuple[Any, Any, Any]], f: LayerFactors, dtype: Any) -> Any:

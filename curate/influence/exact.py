@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from curate._lazy import require
-from curate.influence._capture import is_conv1d
+from curate.features.capture import is_conv1d
 from curate.influence.task import Task
 
 torch = require("torch", "influence functions")

@@ -27,8 +27,7 @@ import numpy as np
 
 from curate._lazy import require
 from curate.errors import SchemaError, param_error
-from curate.influence._capture import Tracker
-from curate.influence.curvature import Curvature, per_sequence_grads
+from curate.influence.curvature import Curvature, per_sequence_grads, task_captures
 from curate.influence.task import Task
 from curate.io.store import FeatureSet
 
@@ -78,10 +77,6 @@ class ScoreMatrix:
                         "min": np.nanmin(self.values, 0)}
 
 
-def _batches(examples: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
-    return [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-
-
 def example_gradients(
     curv: Curvature, model: Any, task: Task, examples: Sequence[Any], *, batch_size: int = 8,
     aggregate: str | None = None,
@@ -95,15 +90,10 @@ def example_gradients(
         raise param_error("example_gradients", "aggregate", "None, 'sum' or 'mean'", aggregate)
     curv._check_fitted()
     out: dict[str, list[Any]] = {n: [] for n in curv.names}
-    with Tracker(model, curv.names, torch.float64) as tr:
-        for chunk in _batches(list(examples), batch_size):
-            batch = task.collate(chunk)
-            tr.reset()
-            tr.backward(task.loss(model, batch))
-            mask = task.token_mask(batch)
-            for n in curv.names:
-                gn = per_sequence_grads(tr.calls(n, mask))
-                out[n].append(gn.sum(0, keepdim=True) if aggregate else gn)
+    for cap in task_captures(model, task, curv.names, examples, batch_size=batch_size, dtype=torch.float64):
+        for n in curv.names:
+            gn = per_sequence_grads(cap.calls(n))
+            out[n].append(gn.sum(0, keepdim=True) if aggregate else gn)
     res = {n: torch.cat(v).sum(0, keepdim=True) if aggregate else torch.cat(v) for n, v in out.items()}
     if aggregate == "mean":
         res = {n: v / len(examples) for n, v in res.items()}
@@ -229,32 +219,27 @@ def pairwise_scores(
     mod_scores: dict[str, list[Any]] = {nm: [] for nm in names}
     tok_scores: list[Any] = []
     g_norm2: list[Any] = []
-    with Tracker(model, names, _work_dtype(model)) as tr:
-        for chunk in _batches(sub, batch_size):
-            batch = task.collate(chunk)
-            tr.reset()
-            tr.backward(task.loss(model, batch))
-            mask = task.token_mask(batch)
-            tok_total = None
-            norm_total = 0
-            for nm in names:
-                calls = tr.calls(nm, mask)
-                if per_token or nm in factors:
-                    s_tok = _token_scores(pq.get(nm), factors.get(nm), calls)
-                    mod_scores[nm].append(s_tok.sum(-1).double())
-                    if per_token:
-                        tok_total = s_tok if tok_total is None else tok_total + s_tok
-                    if normalize == "cosine":
-                        norm_total = norm_total + (per_sequence_grads(calls).double() ** 2).sum((1, 2))
-                else:
-                    gn = per_sequence_grads(calls)
-                    mod_scores[nm].append(torch.einsum("qoi,boi->qb", pq[nm].to(gn.device, gn.dtype), gn).double())
-                    if normalize == "cosine":
-                        norm_total = norm_total + (gn.double() ** 2).sum((1, 2))
-            if per_token:
-                tok_scores.append(tok_total.double())
-            if normalize == "cosine":
-                g_norm2.append(norm_total)
+    for cap in task_captures(model, task, names, sub, batch_size=batch_size, dtype=_work_dtype(model)):
+        tok_total = None
+        norm_total = 0
+        for nm in names:
+            calls = cap.calls(nm)
+            if per_token or nm in factors:
+                s_tok = _token_scores(pq.get(nm), factors.get(nm), calls)
+                mod_scores[nm].append(s_tok.sum(-1).double())
+                if per_token:
+                    tok_total = s_tok if tok_total is None else tok_total + s_tok
+                if normalize == "cosine":
+                    norm_total = norm_total + (per_sequence_grads(calls).double() ** 2).sum((1, 2))
+            else:
+                gn = per_sequence_grads(calls)
+                mod_scores[nm].append(torch.einsum("qoi,boi->qb", pq[nm].to(gn.device, gn.dtype), gn).double())
+                if normalize == "cosine":
+                    norm_total = norm_total + (gn.double() ** 2).sum((1, 2))
+        if per_token:
+            tok_scores.append(tok_total.double())
+        if normalize == "cosine":
+            g_norm2.append(norm_total)
 
     per_mod = {nm: torch.cat(v, 1).cpu().numpy() for nm, v in mod_scores.items()}
     total = sum(per_mod.values())
@@ -339,15 +324,10 @@ def self_scores(
 ) -> np.ndarray:
     """Self-influence s(n, n) = Σ_ℓ ⟨P_ℓ(G_n), G_n⟩ with the training loss as measurement."""
     out = []
-    with Tracker(model, curv.names, torch.float64) as tr:
-        for chunk in _batches(list(train), batch_size):
-            batch = task.collate(chunk)
-            tr.reset()
-            tr.backward(task.loss(model, batch))
-            mask = task.token_mask(batch)
-            grads = {nm: per_sequence_grads(tr.calls(nm, mask)) for nm in curv.names}
-            pg = curv.precondition(grads, damping=damping)
-            out.append(sum((pg[nm] * grads[nm]).sum((1, 2)) for nm in curv.names))
+    for cap in task_captures(model, task, curv.names, train, batch_size=batch_size, dtype=torch.float64):
+        grads = {nm: per_sequence_grads(cap.calls(nm)) for nm in curv.names}
+        pg = curv.precondition(grads, damping=damping)
+        out.append(sum((pg[nm] * grads[nm]).sum((1, 2)) for nm in curv.names))
     return torch.cat(out).cpu().numpy()
 
 

@@ -11,9 +11,11 @@ Each input is a run folder (``curate run`` or ``curate select`` output, read thr
    ``--ratio``, largest-remainder quotas, each input's own order inside its quota, rows beyond it
    ``over_quota: <input>``), so infeasible ratios exit 2 naming the inputs and shortfalls before
    anything is written;
-4. writes ``curated.parquet`` (with a ``mix_input`` column), ``rejected.parquet`` (with
-   ``reason``) and ``manifest.json`` (inputs with sha256, asked and realised ratios in rows and
-   budget units, duplicates removed, token accounting).
+4. writes, through the writer of every run (:func:`curate.pipeline.outcome.write_outcome`),
+   ``curated.parquet`` (with ``mix_input`` and the ``mix__keep`` / ``mix__reason`` step columns, by
+   input then pick order), ``rejected.parquet`` (with ``step`` = ``mix`` and ``reason``) and
+   ``manifest.json`` (inputs with sha256, asked and realised ratios in rows and budget units,
+   duplicates removed, token accounting).
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def mix_runs(inputs: Sequence[str], out_dir: str | Path, *, ratios: Sequence[flo
     Raises:
         RecipeError: a bad ratio list or budget, or quotas the inputs cannot meet (QuotaError).
     """
-    from curate.io.writers import sha256_file, write_json, write_parquet
+    from curate.io.writers import sha256_file
+    from curate.pipeline.outcome import write_outcome
     from curate.selectors.baselines import TopKSelector
 
     if len(inputs) < 2:
@@ -129,13 +132,12 @@ def mix_runs(inputs: Sequence[str], out_dir: str | Path, *, ratios: Sequence[flo
     except ValueError as exc:
         raise RecipeError(str(exc)) from exc
     res = TopKSelector(column=_ORDER, descending=False).select(unique, {}, bud)
-    frame = res.frame.select("uid", "keep", "reason")
-    joined = unique.join(frame, on="uid", how="left", maintain_order="left")
-    curated = joined.filter(pl.col("keep")).sort(MIX_INPUT, _ORDER).drop("keep", "reason", _ORDER)
-    rejected = pl.concat([
-        joined.filter(~pl.col("keep")).drop("keep", _ORDER),
-        duplicates.drop(_ORDER).with_columns(("duplicate_of: " + pl.col("__dup_of")).alias("reason")).drop("__dup_of"),
-    ], how="diagonal_relaxed")
+    frame = res.frame.select("uid", pl.col("keep").alias("mix__keep"), pl.col("reason").alias("mix__reason"))
+    table = pl.concat([
+        unique.join(frame, on="uid", how="left", maintain_order="left").sort(MIX_INPUT, _ORDER),
+        duplicates.with_columns(pl.lit(False).alias("mix__keep"), ("duplicate_of: " + pl.col("__dup_of")).alias(
+            "mix__reason")).drop("__dup_of"),
+    ], how="diagonal_relaxed").drop(_ORDER)
     comp = res.diagnostics["groups"]["composition"]
     kept_units = sum(c["kept_units"] for c in comp.values()) or 1.0
     realised = {n: {"asked": float(r), "rows": comp.get(n, {}).get("kept_rows", 0),
@@ -144,8 +146,6 @@ def mix_runs(inputs: Sequence[str], out_dir: str | Path, *, ratios: Sequence[flo
                     "duplicates_dropped": dups[n]} for n, r in zip(names, ratios)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_parquet(curated, out / "curated.parquet")
-    write_parquet(rejected, out / "rejected.parquet")
     tokens = dict(res.diagnostics.get("tokens") or {})
     if tokens:
         tokens["tokenizer"] = tok_name or (None if tokens["approximate"] else "counted (n_tokens of the inputs)")
@@ -153,12 +153,10 @@ def mix_runs(inputs: Sequence[str], out_dir: str | Path, *, ratios: Sequence[flo
         "command": "mix", "budget": bud.describe(), "unit": res.diagnostics["groups"]["unit"],
         "inputs": [{"name": n, "path": str(_curated_path(i)), "sha256": sha256_file(_curated_path(i)),
                     "rows": int((pool[MIX_INPUT] == n).sum())} for i, n in zip(inputs, names)],
-        "realised": realised, "n_kept": curated.height, "n_rejected": rejected.height,
-        "duplicates_dropped": int(duplicates.height), **({"tokens": tokens} if tokens else {}),
-        "outputs": ["curated.parquet", "rejected.parquet", "manifest.json"],
+        "realised": realised, "duplicates_dropped": int(duplicates.height), **({"tokens": tokens} if tokens else {}),
+        "rows": {"input": table.height},
     }
-    write_json(manifest, out / "manifest.json")
-    return manifest
+    return write_outcome(out, table, table["mix__keep"], pl.DataFrame(), manifest)
 
 
 def _floats(text: str) -> list[float]:
@@ -184,13 +182,13 @@ def mix(inputs: tuple[str, ...], out_dir: str, ratio: str, budget: str, names: t
 
     manifest = mix_runs(list(inputs), out_dir, ratios=_floats(ratio), budget=budget, labels=list(names) or None,
                         tokenizer=tokenizer, overshoot=overshoot)
-    summary = {"command": "mix", "output": out_dir, "kept": manifest["n_kept"], "budget": manifest["budget"],
+    summary = {"command": "mix", "output": out_dir, "kept": manifest["rows"]["curated"], "budget": manifest["budget"],
                "realised": {n: round(r["share"], 6) for n, r in manifest["realised"].items()},
                "duplicates_dropped": manifest["duplicates_dropped"]}
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        click.echo(f"mixed {manifest['n_kept']} rows -> {out_dir}")
+        click.echo(f"mixed {manifest['rows']['curated']} rows -> {out_dir}")
         for n, r in manifest["realised"].items():
             click.echo(f"  {n}: {r['rows']} rows, {r['units']:g} {manifest['unit']} ({r['share']:.3f}; asked {r['asked']:g})")
 

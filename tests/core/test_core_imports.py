@@ -48,7 +48,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("curate.curation", "curate.influence"),
     ("curate.selectors",),
     ("curate.preference",),
-    ("curate", "curate.cli", "curate.testing", *VERB_MODULES),
+    ("curate", "curate.api", "curate.cli", "curate.testing", *VERB_MODULES),
 )
 
 # (importer, imported module) -> why a function-level import may point up a layer. Empty: every

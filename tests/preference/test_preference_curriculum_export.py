@@ -148,10 +148,11 @@ def test_cli_ches_diagnose_and_bad_input(tmp_path, tiny_model_dir):
     assert main(["ches", str(src), "-o", str(out), "--model", str(tiny_model_dir), "--drop-top", "0.25",
                  "--json"]) == 0
     sel = pl.read_parquet(out / "selection.parquet")
-    assert sel.height == t.height and set(sel.columns) >= {"uid", "score", "ches__ches", "ches__ln_ches", "keep",
+    # the pair with an empty response never reaches the selector: ches_states drops it
+    assert sel.height == t.height - 1 and set(sel.columns) >= {"uid", "score", "ches__ches", "ches__ln_ches", "keep",
                                                            "rank", "reason"}
     rej = pl.read_parquet(out / "rejected.parquet")
-    assert "no_response_tokens" in rej["reason"].to_list()
+    assert rej.filter(pl.col("reason") == "no_response_tokens")["step"].to_list() == ["ches_states"]
     cur = pl.read_parquet(out / "curated.parquet")
     assert cur.height == 12 - 3  # ceil(0.25 * 12) of the 12 scorable pairs dropped
     ident = sel.filter(pl.col("uid") == t["uid"][0])
@@ -189,32 +190,16 @@ def test_cli_ches_diagnose_and_bad_input(tmp_path, tiny_model_dir):
 
 
 def test_recipe_steps_ches_states_ches_export(tmp_path, tiny_model_dir):
-    from curate.curation.cli import run_steps
-    from curate.pipeline.registry import build_step
+    from curate.pipeline.verbs import run_verb
 
     t = _hh_like()
     sft = to_frame([make_record("sft", messages=[{"role": "user", "content": "a"},
                                                  {"role": "assistant", "content": "b"}])])
     table = pl.concat([t, sft])
-    steps = [("ches_states", build_step("ches_states", {"model": str(tiny_model_dir)})),
-             ("ches", build_step("ches", {"keep_bottom_fraction": 0.5})),
-             ("export", build_step("export", {"format": "sharegpt", "path": str(tmp_path / "o.jsonl")}))]
-    # run_steps gives each step a fresh feature store unless told otherwise: share one
-    from curate.features.store import FeatureStore
-    from curate.pipeline import step as step_mod
-
-    store = FeatureStore(tmp_path / "features")
-    orig = step_mod.StepContext.__init__
-
-    def init(self, *a, **k):
-        orig(self, *a, **k)
-        self.features = store
-
-    step_mod.StepContext.__init__ = init
-    try:
-        m = run_steps(table, steps, tmp_path / "run")
-    finally:
-        step_mod.StepContext.__init__ = orig
+    steps = [{"use": "ches_states", "model": str(tiny_model_dir)},
+             {"use": "ches", "keep_bottom_fraction": 0.5},
+             {"use": "export", "format": "sharegpt", "path": str(tmp_path / "o.jsonl")}]
+    m = run_verb("ches", table, steps, tmp_path / "run").manifest
     rej = pl.read_parquet(tmp_path / "run" / "rejected.parquet")
     reasons = dict(zip(rej["uid"], rej["reason"], strict=True))
     assert reasons[sft["uid"][0]] == "not_a_pair"

@@ -15,7 +15,7 @@ from typing import Any
 import click
 import polars as pl
 
-from curate.schema import TEXT_FIELDS, texts, validate_table
+from curate.schema import TEXT_FIELDS, validate_table
 from curate.selectors.critiq.annotate import check_labelled, human_pairs, render_pair_texts  # noqa: F401  (benchmarks import render_pair_texts from here)
 from curate.selectors.critiq.judge import CHOICE_FORMATS, open_session
 
@@ -185,30 +185,20 @@ def annotate_cmd(in_path: str, criteria_path: str, output: str, n_pairs: int | N
 @click.option("--json", "as_json", is_flag=True)
 def score_cmd(in_path: str, pairs_path: str, out_dir: str, budget: str, temperature: float, scorer: str,
               embed_model: str, field: str, seed: int, as_json: bool) -> None:
-    """Train the Bradley–Terry scorer on judged pairs, score every row, select by Gumbel top-k."""
-    import numpy as np
+    """Train the Bradley–Terry scorer on judged pairs, score every row, select by Gumbel top-k.
 
-    from curate.features.embed import embed_texts
-    from curate.io.store import FeatureSet
-    from curate.io.writers import write_json, write_parquet
-    from curate.selectors.critiq.scorer import CritiqSelector
+    The in-memory recipe ``embed`` → ``critiq`` (:mod:`curate.pipeline.verbs`): OUT_DIR is a run
+    folder with curated, rejected and selection parquet and manifest.json."""
+    from curate.pipeline.verbs import run_verb
 
     t0 = time.time()
-    table = _read(in_path)
-    sel = CritiqSelector(pairs=pairs_path, scorer=scorer, temperature=temperature)
-    emb = embed_texts(texts(table, field), model=embed_model)
-    fs = FeatureSet("embed", np.asarray(table["uid"].to_list(), dtype=object), emb, {"model": embed_model})
-    res = sel.select(table, {"embed": fs}, budget, seed=seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    frame = res.frame.rename({c: f"critiq__{c}" for c in res.frame.columns if c != "uid"})
-    joined = table.join(frame, on="uid", how="left")
-    write_parquet(res.frame, out / "scores.parquet")
-    write_parquet(joined.filter(pl.col("critiq__keep")), out / "curated.parquet")
-    write_parquet(joined.filter(~pl.col("critiq__keep")), out / "rejected.parquet")
-    summary = {"output": str(out), "n_in": table.height, "n_kept": res.n_kept, "field": field, "params": res.params,
-               "diagnostics": res.diagnostics, "seconds": round(time.time() - t0, 2)}
-    write_json(summary, out / "manifest.json", sort_keys=True, ensure_ascii=False)
+    steps = [{"use": "embed", "field": field, "model": embed_model},
+             {"use": "critiq", "pairs": str(Path(pairs_path).resolve()), "scorer": scorer, "temperature": temperature,
+              "budget": budget, "features": {"embed": f"embed/{field}"}}]
+    manifest = run_verb("critiq_score", in_path, steps, out_dir, seed=seed).manifest
+    sel = manifest["selection"]
+    summary = {"output": str(out_dir), "n_in": manifest["rows"]["input"], "n_kept": sel["n_kept"], "field": field,
+               "params": sel["params"], "diagnostics": sel["diagnostics"], "seconds": round(time.time() - t0, 2)}
     _emit(as_json, summary)
 
 
