@@ -277,7 +277,7 @@ def main() -> None:
     import polars as pl
 
     from curate.io.tables import read_table
-    from curate.selectors.critiq.cli import human_pairs, render_pair_texts
+    from curate.cli.critiq import human_pairs, render_pair_texts
     from curate.selectors.critiq.flow import (
         CritiQFlow,
         FlowConfig,

@@ -91,8 +91,9 @@ def select(data: Source, method: str, *, budget: Any, targets: Any = None,
 
     Args:
         targets: target rows (a file, folder or DataFrame; several as a list) for targeted selectors.
-        features: role -> a feature-set folder or a :class:`FeatureSet`; roles of the form
-            ``embed/<field>`` not given here are embedded with ``embed_model`` first.
+        features: role -> a feature-set folder or a :class:`FeatureSet` (roles the selector does not
+            use are ignored); roles of the form ``embed/<field>`` not given here are embedded
+            with ``embed_model`` first.
 
     Raises:
         RecipeError: unknown selector or parameter, bad budget.
@@ -106,6 +107,8 @@ def select(data: Source, method: str, *, budget: Any, targets: Any = None,
     keep: list[tempfile.TemporaryDirectory[str]] = []
     feats: dict[str, str] = {}
     for role, value in given.items():
+        if role not in roles:  # one features mapping can serve several selectors
+            continue
         if isinstance(value, FeatureSet):  # the recipe reads feature sets from folders
             tmp = tempfile.TemporaryDirectory(prefix="curate-feature-")
             keep.append(tmp)

@@ -60,6 +60,14 @@ manifest = json.loads((run_dir / "manifest.json").read_text())
 print(manifest["selected_uids_hash"], manifest["recipe_hash"])"""),
     ("md", "The run folder also holds `report.html` (funnel, histograms, clusters, the embedding map)."),
     ("code", """print((run_dir / "report.html").exists(), sorted(p.name for p in run_dir.iterdir()))"""),
+    ("md", """## The same steps as functions
+`curate.dedup`, `curate.filter`, `curate.select` and `curate.embed` run the same steps as the CLI
+verbs and return an `Outcome` (curated, rejected, selection, manifest). `select` embeds pool and
+targets with MiniLM when the selector needs embeddings."""),
+    ("code", """clean = curate.dedup(pool, minhash=True, threshold=0.7)
+print(clean)
+picked = curate.select(clean.curated, "rds", budget=50, targets=str(DATA / "human-eval/HumanEval.jsonl.gz"))
+picked.selection.sort("rank").select("uid", "score", "rank").head(5)"""),
 ]
 
 
@@ -95,19 +103,18 @@ print(store.names())"""),
     ("code", """pool = pl.read_parquet(run_dir / "curated.parquet")
 targets = pl.read_parquet(run_dir / "steps/00-ingest/targets.parquet")
 feats = {"grads": store["grad/sgd"], "target_grads": store["grad/sgd/targets"]}
-budget = curate.Budget(n=8)
 picks = {}
 for name in ("random", "less", "bids"):
-    sel = curate.SELECTORS[name]()
-    res = sel.select(pool, feats, budget, seed=0, targets=targets)
-    picks[name] = res
-    print(name, res.n_kept, "kept;", {k: v for k, v in res.diagnostics.items() if not isinstance(v, (list, dict))})"""),
+    out = curate.select(pool, name, budget=8, targets=targets, features=feats, seed=0)
+    picks[name] = out
+    diag = out.manifest["selection"]["diagnostics"]
+    print(name, out.curated.height, "kept;", {k: v for k, v in diag.items() if not isinstance(v, (list, dict))})"""),
     ("md", "Where do the picks come from? Code rows (CodeAlpaca) should rise when HumanEval is a target."),
-    ("code", """for name, res in picks.items():
-    kept = pool.filter(pl.col("uid").is_in(res.kept_uids))
+    ("code", """for name, out in picks.items():
+    kept = out.curated
     share = kept["source"].str.contains("code_alpaca").mean()
     print(f"{name:6s} code share {share:.2f}  (pool {pool['source'].str.contains('code_alpaca').mean():.2f})")"""),
-    ("code", """picks["bids"].frame.sort("rank").head(8)"""),
+    ("code", """picks["bids"].selection.sort("rank").head(8)"""),
 ]
 
 PREFERENCE = [

@@ -33,6 +33,7 @@ from curate.curation._common import (
     write_artifact,
 )
 from curate.errors import MissingDependencyError, param_error
+from curate.features.embedders import normalise_rows
 from curate.pipeline.registry import register_step
 from curate.pipeline.step import StepContext
 from curate.schema import TEXT_FIELDS, texts
@@ -62,13 +63,6 @@ class HashingEncoder:
                 h = stable_hash64(tok)
                 out[i, h % self.dim] += 1.0 if (h >> 63) & 1 else -1.0
         return out
-
-
-def normalise_rows(x: np.ndarray) -> np.ndarray:
-    """float32 rows scaled to unit L2 norm (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
 
 
 def embed(

@@ -26,6 +26,7 @@ Deviations (and why):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -374,34 +375,20 @@ def run_warmup(
 # ------------------------------------------------------------------------------------ the step
 @register_step("warmup")
 @dataclass(frozen=True, kw_only=True)
-class WarmupStep:
+class WarmupStep(WarmupConfig):
     """LESS warm-up: LoRA-train the causal LM on a seeded sample of the rows; keeps every row.
 
     Writes ``warmup.json`` and ``ckpt1..ckptC`` (adapters, ``adam_state.pt``, ``checkpoint.json`` with
     ``mean_lr``) under ``<run>/features/checkpoints/<save_as>``; a later ``grad_features`` step reads
     them with ``checkpoints: from_step`` (or ``from_step:<save_as>``). Extra output column
-    ``in_warmup`` (bool): whether the row was trained on. See :class:`WarmupConfig` for the fields;
-    ``seed`` None uses the recipe seed.
+    ``in_warmup`` (bool): whether the row was trained on. The fields are :class:`WarmupConfig`'s
+    (inherited) plus ``model``, ``dtype``, ``device`` and ``save_as``; ``seed`` None uses the recipe seed.
     """
 
     name: ClassVar[str] = "warmup"
     path_or_name_params: ClassVar[tuple[str, ...]] = ("model",)
     model: str = "default"
-    fraction: float = 0.05
-    min_rows: int = 200
-    epochs: int = 4
-    lr: float = 2e-5
-    warmup_ratio: float = 0.03
-    schedule: str = "linear"
-    batch_size: int = 16
-    micro_batch_size: int = 4
-    max_length: int = 128
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    lora_layers: int | None = 4
-    seed: int | None = None
+    seed: int | None = None  # type: ignore[assignment]  # None: the recipe seed
     dtype: str = "float32"
     device: str | None = None
     save_as: str = "warmup"
@@ -418,12 +405,9 @@ class WarmupStep:
             raise param_error("warmup", "model", "'default' or a local Hugging Face model folder", self.model)
 
     def config(self, seed: int) -> WarmupConfig:
-        return WarmupConfig(
-            fraction=self.fraction, min_rows=self.min_rows, epochs=self.epochs, lr=self.lr,
-            warmup_ratio=self.warmup_ratio, schedule=self.schedule, batch_size=self.batch_size,
-            micro_batch_size=self.micro_batch_size, max_length=self.max_length, lora_r=self.lora_r,
-            lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, lora_targets=self.lora_targets,
-            lora_layers=self.lora_layers, seed=self.seed if self.seed is not None else seed)
+        """The run's :class:`WarmupConfig`: the step's shared fields, ``seed`` filled from the recipe."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(WarmupConfig)}
+        return WarmupConfig(**{**shared, "seed": self.seed if self.seed is not None else seed})
 
     def apply(self, table: pl.DataFrame, ctx: Any) -> pl.DataFrame:
         from curate.features.lm import resolve_device

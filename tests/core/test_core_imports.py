@@ -13,9 +13,9 @@ Layers, lowest first (a module may import its own layer and the ones below, neve
                 curate.testing
 
 The report shares the pipeline's layer: the runner writes ``report.html`` as the last output of a
-run, and the report reads only io and ``curate.pipeline.outcome``. A verb module
-(``curate/features/cli.py`` ...) sits beside its stage but is CLI code: it may use any layer, and
-nothing below the CLI imports it. Imports inside one layer are free as long as they form no cycle. Function-level (lazy) imports count like module-level ones for
+run, and the report reads only io and ``curate.pipeline.outcome``. The verb
+modules (``curate/cli/*.py``) are CLI code: they may use any layer, and nothing below the CLI
+imports them. Imports inside one layer are free as long as they form no cycle. Function-level (lazy) imports count like module-level ones for
 the layering; an upward one passes only when it is listed in :data:`ALLOWED_UPWARD` with the reason.
 
 The graph is read from the source with ``ast``, resolved the way ``../shared/tools/import_cycles.py``
@@ -275,8 +275,8 @@ def test_layer_of_matches_the_longest_package_and_root_only_exactly():
     assert layer_of("curate.io.store", LAYERS) == 1
     assert layer_of("curate", LAYERS) == len(LAYERS) - 1
     assert layer_of("curate.newpackage.x", LAYERS) is None
-    assert layer_of("curate.features.cli", LAYERS) == len(LAYERS) - 1
-    assert layer_of("curate.selectors.critiq.cli", LAYERS) == len(LAYERS) - 1
+    assert layer_of("curate.cli.features", LAYERS) == len(LAYERS) - 1
+    assert layer_of("curate.cli.critiq", LAYERS) == len(LAYERS) - 1
 
 
 def test_the_shared_cycle_tool_agrees():
@@ -328,10 +328,10 @@ def test_a_verb_module_that_fails_to_import_fails_loudly(tmp_path, monkeypatch):
 
 
 def test_the_curate_command_fails_when_a_verb_module_is_broken():
-    code = "import sys; sys.modules['curate.report.cli'] = None; from curate.cli import main; main(['--help'])"
+    code = "import sys; sys.modules['curate.cli.report'] = None; from curate.cli import main; main(['--help'])"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert res.returncode != 0
-    assert "cannot load the verbs report from curate.report.cli" in res.stderr
+    assert "cannot load the verbs report from curate.cli.report" in res.stderr
 
 
 def test_a_missing_optional_extra_keeps_the_verb_and_names_the_extra(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from curate.curation.cli import decontam, dedup, filter_, pii
+from curate.cli.curation import decontam, dedup, filter_, pii
 from curate.errors import ParameterError
 from curate.schema import dedupe_uids, make_record, message, to_frame
 

@@ -116,8 +116,8 @@ def test_dedup_cli_cluster_table_and_report_merged_pairs(tmp_path):
     matched with the exact Jaccard of that link, and the report samples the merged pairs by band."""
     from click.testing import CliRunner
 
+    from curate.cli.curation import dedup
     from curate.curation._common import jaccard, shingle_strings
-    from curate.curation.cli import dedup
     from curate.report.render import build_report
     from curate.report.stats import merged_pairs
     from curate.schema import dedupe_uids, texts

@@ -136,7 +136,7 @@ def test_unknown_form_is_a_parameter_error() -> None:
 
     with pytest.raises(ParameterError, match="choice_format"):
         CritiQAnnotate(criteria="c.json", judge_url="http://h/v1", choice_format="guided")._check_judge("critiq_annotate")
-    from curate.selectors.critiq.cli import critiq
+    from curate.cli.critiq import critiq
 
     res = CliRunner().invoke(critiq, ["annotate", "x.parquet", "--criteria", "c.json", "-o", "o.parquet",
                                       "--judge-url", "http://h/v1", "--choice-format", "guided"])

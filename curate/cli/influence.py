@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import click
-import polars as pl
 
+from curate.cli._common import emit as _emit
+from curate.cli._common import read_table as _read
 from curate.errors import ParameterError
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
-
-
-def _read(path: str, what: str = "input") -> pl.DataFrame:
-    from curate.io.tables import read_table
-
-    return read_table(path, what=what)
 
 
 def _damping(value: str | None) -> float | str:
@@ -40,14 +34,6 @@ def _damping(value: str | None) -> float | str:
     if not x >= 0:
         raise ParameterError(f"The 'damping' parameter of influence score must be 'heuristic' or a float >= 0. Got {x!r}.")
     return x
-
-
-def _emit(as_json: bool, summary: dict[str, Any], lines: list[str]) -> None:
-    if as_json:
-        click.echo(json.dumps(summary, default=str))
-    else:
-        for line in lines:
-            click.echo(line)
 
 
 def _peak_mb() -> float:

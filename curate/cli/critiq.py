@@ -7,38 +7,23 @@ never printed or written.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import click
-import polars as pl
 
-from curate.schema import TEXT_FIELDS, validate_table
+from curate.cli._common import emit as _emit
+from curate.cli._common import read_table as _read
+from curate.schema import TEXT_FIELDS
 from curate.selectors.critiq.annotate import check_labelled, human_pairs, render_pair_texts  # noqa: F401  (benchmarks import render_pair_texts from here)
 from curate.selectors.critiq.judge import CHOICE_FORMATS, open_session
-
-
-def _read(path: str) -> pl.DataFrame:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"input not found: {path}.")
-    return validate_table(pl.read_parquet(p), name=path)
 
 
 def _warn_lines(report: dict[str, Any]) -> None:
     """The position-bias warnings of a run, loudly on stderr (stdout keeps the JSON summary last)."""
     for msg in report.get("warnings", []):
         click.echo(f"WARNING: {msg}", err=True)
-
-
-def _emit(as_json: bool, summary: dict[str, Any]) -> None:
-    if as_json:
-        click.echo(json.dumps(summary, default=str))
-    else:
-        for k, v in summary.items():
-            click.echo(f"{k}: {v}")
 
 
 common = [

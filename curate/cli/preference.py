@@ -15,26 +15,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 import polars as pl
 
+from curate.cli._common import emit as _emit
+from curate.cli._common import read_table as _read
 from curate.errors import SchemaError
-
-
-def _read(path: str) -> pl.DataFrame:
-    from curate.io.tables import read_table
-
-    return read_table(path)
-
-
-def _emit(obj: dict[str, Any], as_json: bool, lines: list[str]) -> None:
-    if as_json:
-        click.echo(json.dumps(obj, default=str))
-    else:
-        for line in lines:
-            click.echo(line)
 
 
 def _require_pairs(table: pl.DataFrame, path: str) -> None:
@@ -75,7 +62,7 @@ def ches(input_path: str, output: str, model: str, keep_bottom: float | None, dr
     rows, params = manifest["rows"], manifest["selection"]["params"]
     mode = next((f"{k}={params[k]}" for k in ("keep_bottom_fraction", "drop_top_fraction", "threshold")
                  if params.get(k) is not None), "keep all")
-    _emit(manifest, as_json, [f"{rows['input']} pairs -> {rows['curated']} curated, {rows['rejected']} rejected "
+    _emit(as_json, manifest, [f"{rows['input']} pairs -> {rows['curated']} curated, {rows['rejected']} rejected "
                               f"({measure}, {mode})", f"outputs in {output}"])
 
 
@@ -110,7 +97,7 @@ def diagnose(input_path: str, output: str, model: str, scorers: tuple[str, ...],
     write_json(summary, out / "summary.json")
     ra = summary.get("ranking_accuracy", {})
     lb = summary.get("length_bias", {})
-    _emit(summary, as_json, [
+    _emit(as_json, summary, [
         f"{table.height} pairs; ranking accuracy (sum) {ra.get('sum', float('nan')):.3f}, "
         f"per-token {ra.get('per_token', float('nan')):.3f}",
         f"length bias: p_longer {lb.get('p_longer', float('nan')):.3f}, slope {lb.get('logistic_slope', 0):.3f}",
@@ -142,7 +129,7 @@ def curriculum(input_path: str, output: str, by: str, buckets: int | None, colum
     write_parquet(ordered, output)
     summary = {"command": "curriculum", "input": input_path, "output": output, "rows": ordered.height,
                "stages": int(ordered["curry__stage"].max()) if ordered.height else 0, "by": by}
-    _emit(summary, as_json, [f"{ordered.height} pairs in {summary['stages']} stages -> {output}"])
+    _emit(as_json, summary, [f"{ordered.height} pairs in {summary['stages']} stages -> {output}"])
 
 
 def _looks_like_oasst(path: Path) -> bool:
@@ -170,7 +157,7 @@ def export(input_path: str, output: str, fmt: str, as_strings: bool, as_json: bo
         table = table.sort("curry__order")
     write_export(table, output, fmt, as_strings=as_strings)
     summary = {"command": "export", "input": input_path, "output": output, "format": fmt, "rows": table.height}
-    _emit(summary, as_json, [f"{table.height} rows -> {output} ({fmt})"])
+    _emit(as_json, summary, [f"{table.height} rows -> {output} ({fmt})"])
 
 
 COMMANDS = (ches, diagnose, curriculum, export)

@@ -7,17 +7,16 @@ line of stdout. Exit codes: 0 success, 2 bad input or usage, 1 internal error.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import sys
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from curate.cli._common import emit, json_option, plugin_option, quiet_option
 from curate.errors import MissingDependencyError, MissingFeatureError, ParameterError, RecipeError, SchemaError
 
 USER_ERRORS = (SchemaError, RecipeError, ParameterError, MissingFeatureError, MissingDependencyError,
@@ -63,17 +62,7 @@ def _progress_on(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-def _emit(as_json: bool, summary: dict[str, Any], human: Callable[[], None]) -> None:
-    if as_json:
-        click.echo(json.dumps(summary, default=str))
-    else:
-        human()
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON summary as the last line.")
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines.")
-plugin_option = click.option("--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE",
-                             help="Import user steps from a Python file or module first (repeatable).")
+_emit = emit
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -416,12 +405,12 @@ def _describe_format(info: Any) -> dict[str, Any]:
 # well so that a verb whose optional extra is not installed still shows in --help and, when run,
 # says which extra to install.
 VERB_MODULES: dict[str, tuple[str, ...]] = {
-    "curate.curation.cli": ("dedup", "decontam", "filter", "pii"),
-    "curate.features.cli": ("embed", "gradients", "warmup", "whiten"),
-    "curate.influence.cli": ("influence",),
-    "curate.preference.cli": ("ches", "diagnose", "curriculum", "export"),
-    "curate.selectors.critiq.cli": ("judge", "critiq"),
-    "curate.report.cli": ("report",),
+    "curate.cli.curation": ("dedup", "decontam", "filter", "pii"),
+    "curate.cli.features": ("embed", "gradients", "warmup", "whiten"),
+    "curate.cli.influence": ("influence",),
+    "curate.cli.preference": ("ches", "diagnose", "curriculum", "export"),
+    "curate.cli.critiq": ("judge", "critiq"),
+    "curate.cli.report": ("report",),
     "curate.selectors.mix": ("mix",),
     "curate.publish": ("push", "card"),
 }

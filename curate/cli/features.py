@@ -9,31 +9,19 @@ Bad input (a missing model folder, a field the rows' kind lacks, NaN features) r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 import polars as pl
 
+from curate.cli._common import emit as _emit
+from curate.cli._common import json_option
+from curate.cli._common import read_table as _read_table
 from curate.errors import SchemaError, param_error
 
 EMBED_FIELDS = {"prompt": "prompt", "response": "response", "text": "prompt+response", "chosen": "chosen",
                 "rejected": "rejected"}
-
-
-def _read_table(path: str) -> pl.DataFrame:
-    from curate.io.tables import read_table
-
-    return read_table(path)
-
-
-def _emit(as_json: bool, summary: dict[str, Any], lines: list[str]) -> None:
-    if as_json:
-        click.echo(json.dumps(summary, default=str))
-    else:
-        for line in lines:
-            click.echo(line)
 
 
 def _check_field_kind(table: pl.DataFrame, field: str, path: str) -> None:
@@ -53,7 +41,6 @@ def _store_arg(path: str) -> Any:
     return FeatureStore(Path(path))
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON summary as the last line.")
 
 
 # ------------------------------------------------------------------------------------ embed

@@ -10,13 +10,13 @@ Bad parameters raise :class:`~curate.errors.ParameterError` (exit 2 through ``cu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 import polars as pl
 
+from curate.cli._common import emit
 from curate.errors import ParameterError
 
 
@@ -38,13 +38,11 @@ def run_steps(source: str | Path | pl.DataFrame, steps: list[dict[str, Any]], ou
 
 
 def _emit(manifest: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(manifest, default=str))
-        return
     r = manifest["rows"]
-    click.echo(f"{r['input']} rows -> {r['curated']} curated, {r['rejected']} rejected")
-    for s in manifest["steps"][1:]:  # the first entry is the ingest
-        click.echo(f"  {s['step']}: {s['rows_in']} -> {s['rows_out']}  {s['dropped'] or ''}")
+    lines = [f"{r['input']} rows -> {r['curated']} curated, {r['rejected']} rejected"]
+    lines += [f"  {s['step']}: {s['rows_in']} -> {s['rows_out']}  {s['dropped'] or ''}"
+              for s in manifest["steps"][1:]]  # the first entry is the ingest
+    emit(as_json, manifest, lines)
 
 
 @click.command()
