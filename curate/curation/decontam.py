@@ -268,7 +268,8 @@ class Decontam:
         target_fields: target fields indexed (default prompt).
         embedding_threshold: also flag rows with cosine >= this to a target prompt (default off).
         model: embedder for the embedding check (default ``default``).
-        index_path: folder of a saved n-gram index; built and saved there when absent.
+        index_path: folder of a saved n-gram index; built and saved there when absent, and built
+            again when the targets (or ``target_fields``) differ from those it was built from.
     """
 
     path_params: ClassVar[tuple[str, ...]] = ("targets", "index_path")
@@ -307,15 +308,19 @@ class Decontam:
     def apply(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         targets = self._targets(ctx)
         index_dir = Path(self.index_path) if self.index_path else None
+        t_texts, t_uids = target_texts(targets, self.target_fields) if targets is not None else ([], [])
+        index = None
         if index_dir is not None and (index_dir / "index.json").exists():
             index = NgramIndex.load(index_dir)
             if index.ngram != self.ngram or index.min_tokens != self.min_tokens:
                 raise param_error("Decontam", "index_path", f"an index built with ngram={self.ngram}, "
                                   f"min_tokens={self.min_tokens}", f"ngram={index.ngram}, min_tokens={index.min_tokens}")
-        else:
+            if targets is not None and index.target_uids != t_uids:  # other targets since it was saved
+                ctx.stats["index_rebuilt"] = f"{index_dir}: built from other targets; built again"
+                index = None
+        if index is None:
             if targets is None:
                 raise param_error("Decontam", "targets", "given (or recipe targets, or an existing index_path)", None)
-            t_texts, t_uids = target_texts(targets, self.target_fields)
             index = NgramIndex.build(t_texts, t_uids, ngram=self.ngram, min_tokens=self.min_tokens)
             if index_dir is not None:
                 index.save(index_dir)

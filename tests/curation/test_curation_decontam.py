@@ -79,6 +79,19 @@ def test_step_reuses_saved_index(tmp_path):
     assert ctx.stats["decontam"]["n_targets_hit"] == 1
 
 
+def test_saved_index_is_built_again_for_other_targets(tmp_path):
+    other = "a completely different benchmark question that shares no thirteen word span with the first one at all"
+    pool = _frame([_sft(LONG, "x"), _sft(other, "y")])
+    step = Decontam(index_path=str(tmp_path / "idx"))
+    first = step.apply(pool, StepContext(targets=_frame([_target(LONG)])))
+    assert first["keep"].to_list() == [False, True]
+    ctx = StepContext(targets=_frame([_target(other)]))  # the same index_path, other targets
+    second = step.apply(pool, ctx)
+    assert second["keep"].to_list() == [True, False] and "built again" in ctx.stats["index_rebuilt"]
+    reused = StepContext(targets=None)  # the index saved last holds the new targets
+    assert step.apply(pool, reused)["keep"].to_list() == [True, False] and "index_rebuilt" not in reused.stats
+
+
 def test_embedding_contamination_matches_brute_force():
     enc = HashingEncoder(dim=64)
     targets = _frame([_target(f"question number {i} about topic {i * 7}") for i in range(6)])
