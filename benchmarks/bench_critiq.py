@@ -276,8 +276,8 @@ def main() -> None:
     tag = "_quick" if args.quick else ""
     import polars as pl
 
-    from curate.io.tables import read_table
     from curate.cli.critiq import human_pairs, render_pair_texts
+    from curate.io.tables import read_table
     from curate.selectors.critiq.flow import (
         CritiQFlow,
         FlowConfig,
