@@ -13,20 +13,22 @@ Pipeline (docs/methods/quad.md §3):
 2. **Chunks.** Each cluster's rows are put in a seeded order and cut into chunks of ``chunk_size``
    rows (:func:`make_chunks`); a chunk is the unit of acceptance.
 3. **Reward.** A pluggable oracle ``reward_fn(uids) -> ρ`` (tests inject synthetic ones). The default
-   oracle, :class:`InfluenceReward`, is cos(G_z, P(V)) with V = Σ_r ∇ℓ(r) the summed target-loss
-   gradient over the tracked modules and P the damped EK-FAC inverse fitted on a seeded **pool**
-   sample (``reward="influence"`` gives the raw ⟨P(V), G_z⟩). The inner product and ‖G_z‖ are
-   computed with the factored per-token formulas, so G_z is never formed.
+   oracle, :class:`curate.influence.quad_reward.InfluenceReward`, is cos(G_z, P(V)) with V = Σ_r ∇ℓ(r)
+   the summed target-loss gradient over the tracked modules and P the damped EK-FAC inverse fitted
+   on a seeded **pool** sample, cached on disk (``reward="influence"`` gives the raw ⟨P(V), G_z⟩).
 4. **Bandit** (:func:`run_bandit`): pull reward r = mean ρ(probe) − τ over ``probe_size`` rows drawn
    from the chunk being considered; r > 0 accepts the whole chunk; neighbour credit
    score[j] += r·(1 − D[k, j]/γ), cnt[j] += 1 for D[k, j] < γ; UCB[j] = score/cnt +
    α·√(2 ln N_tot / (cnt + 1)); exhausted arms get −∞; ``arms_per_round`` arms per round.
 
-Deviations (all deliberate, see docs/methods/quad.md §3-§4): small-pool defaults for K, chunk size,
-probe size and arms per round; scale-free ``tau="auto"`` / ``alpha="auto"`` from a calibration sample; no random
-projection (exact factored cosine; the paper projects to 8192 dimensions) — ``d`` is not
-implemented; a row evaluated twice (calibration and a later probe) is evaluated once and counted
-once; the run stops in the middle of a round as soon as the budget is filled (the reference code
+The bandit itself is :mod:`curate.selectors.quad_bandit`.
+
+Deviations (all deliberate, see docs/methods/quad.md §3-§5): small-pool defaults for K, chunk size,
+probe size, arms per round and the calibration sample; cost defaults (MLP factors of every block
+fitted on 32 pool rows and cached; docs/methods/quad.md §5); scale-free ``tau="auto"`` /
+``alpha="auto"`` from a calibration sample; no random projection (exact factored cosine; the paper
+projects to 8192 dimensions) — ``d`` is not implemented; a row evaluated twice (calibration and a
+later probe) is evaluated once and counted once; the run stops in the middle of a round as soon as the budget is filled (the reference code
 finishes the round); ``fill="ucb"`` tops an under-filled selection up with unpulled chunks of the
 clusters with the highest estimated mean, then with rejected chunks, so it always fills the budget.
 """
@@ -35,24 +37,35 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
 
-from curate._lazy import require
-from curate.errors import MissingFeatureError, SchemaError, param_error
+from curate.errors import MissingFeatureError, param_error
+from curate.influence.quad_reward import InfluenceReward
 from curate.selectors.base import (
     BaseSelector,
     Choice,
     SelectContext,
+    check_bool,
     check_choice,
     check_float,
     check_int,
     check_str,
+)
+from curate.selectors.quad_bandit import (
+    S_CHUNKS,
+    S_TARGETS,
+    BanditProgress,
+    BanditResult,
+    auto_tau_alpha,
+    run_bandit,
+    ucb_values,
 )
 
 KEPT = "kept_accepted_chunk"
@@ -62,10 +75,13 @@ NOT_PULLED = "chunk_not_pulled"
 NEVER = "cluster_never_pulled"
 FILLED = "filled_by_ucb"
 
-# rng streams (np.random.default_rng([seed, stream])) so the stages do not share draws
-S_KMEANS, S_CHUNKS, S_CAL, S_INIT, S_PROBE, S_TARGETS = 1, 2, 3, 4, 5, 6
+#: cost defaults of the influence reward (docs/methods/quad.md §5)
+DEFAULT_LAYERS, DEFAULT_FIT_EXAMPLES = None, 32
 
 RewardFn = Callable[[Sequence[str]], np.ndarray]
+
+__all__ = ["InfluenceReward", "QuadSelector", "auto_tau_alpha", "cluster_rows", "make_chunks", "relabel_by_first",
+           "run_bandit", "ucb_values"]
 
 
 # ----------------------------------------------------------------------------------- defaults
@@ -87,6 +103,12 @@ def default_probe_size(c: int) -> int:
 def default_arms(k: int) -> int:
     """A = clamp(⌈K/10⌉, 1, 50)."""
     return min(50, max(1, math.ceil(k / 10)))
+
+
+def default_calibration(n: int) -> int:
+    """n_cal = clamp(⌈N/10⌉, 16, 64): τ's standard error stays well below that of an m-row probe mean
+    while a small pool does not spend a fifth of its rows on calibration."""
+    return min(64, max(16, math.ceil(n / 10)))
 
 
 # ----------------------------------------------------------------------------------- clusters
@@ -144,328 +166,6 @@ def make_chunks(labels: np.ndarray, chunk_size: int, rng: np.random.Generator) -
     return out
 
 
-# ----------------------------------------------------------------------------------- bandit
-@dataclass
-class BanditResult:
-    """What :func:`run_bandit` did.
-
-    Attributes:
-        order: kept row indices in acceptance order (the crossing chunk truncated).
-        accepted: (cluster, chunk, round) of every accepted chunk, in pull order.
-        chunk_state: per cluster, per chunk: "accepted" | "rejected" | "" (not pulled).
-        chunk_round: per cluster, per chunk: the round it was pulled in (-1 if never).
-        trimmed: row indices of the crossing chunk beyond the budget.
-        probe_reward: row index -> ρ for every evaluated row.
-        pulls: (K,) pulls per cluster; score, cnt: the bandit state; n_tot: Σ credits.
-        ucb: final UCB (−inf for exhausted arms).
-        trace: one dict per round (arms, UCB at selection, rewards, accepted).
-        rounds: rounds run; n_evaluations: distinct rows evaluated (calibration included).
-        stop: why the run stopped.
-    """
-
-    order: np.ndarray
-    accepted: list[tuple[int, int, int]]
-    chunk_state: list[list[str]]
-    chunk_round: list[list[int]]
-    trimmed: np.ndarray
-    probe_reward: dict[int, float]
-    pulls: np.ndarray
-    score: np.ndarray
-    cnt: np.ndarray
-    n_tot: int
-    ucb: np.ndarray
-    trace: list[dict[str, Any]]
-    rounds: int
-    n_evaluations: int
-    stop: str
-    tau: float = 0.0
-    alpha: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def mean_reward(self) -> np.ndarray:
-        """Estimated mean reward score/cnt per cluster (0 where never credited)."""
-        return np.where(self.cnt > 0, self.score / np.maximum(self.cnt, 1), 0.0)
-
-
-class _Evaluator:
-    """Caches ρ per row index and counts distinct evaluations."""
-
-    def __init__(self, reward: Callable[[np.ndarray], np.ndarray]) -> None:
-        self.reward = reward
-        self.cache: dict[int, float] = {}
-
-    def __call__(self, idx: np.ndarray) -> np.ndarray:
-        new = [int(i) for i in idx if int(i) not in self.cache]
-        if new:
-            vals = np.asarray(self.reward(np.asarray(new, dtype=np.int64)), dtype=np.float64).reshape(-1)
-            if vals.shape != (len(new),) or not np.isfinite(vals).all():
-                raise SchemaError("Quad's reward oracle returned bad values.", field="reward_fn",
-                                  expected=f"{len(new)} finite numbers", found=vals[:5].tolist())
-            self.cache.update(zip(new, vals.tolist(), strict=True))
-        return np.array([self.cache[int(i)] for i in idx], dtype=np.float64)
-
-
-def ucb_values(score: np.ndarray, cnt: np.ndarray, n_tot: int, alpha: float, exhausted: np.ndarray) -> np.ndarray:
-    """UCB[j] = score/max(cnt,1) + α·√(2 ln max(N_tot,1) / (cnt+1)); −inf where exhausted."""
-    mean = score / np.maximum(cnt, 1)
-    ucb = mean + alpha * np.sqrt(2.0 * math.log(max(n_tot, 1)) / (cnt + 1.0))
-    return np.where(exhausted, -np.inf, ucb)
-
-
-def auto_tau_alpha(cal: np.ndarray) -> tuple[float, float]:
-    """τ = mean(ρ_cal), α = 0.025·std(ρ_cal, ddof=1) (docs/methods/quad.md §3.4; a project choice,
-    not the paper's)."""
-    cal = np.asarray(cal, dtype=np.float64)
-    tau = float(cal.mean()) if len(cal) else 0.0
-    alpha = 0.025 * float(cal.std(ddof=1)) if len(cal) > 1 else 0.0
-    return tau, alpha
-
-
-def run_bandit(
-    chunks: list[list[np.ndarray]],
-    dist: np.ndarray,
-    reward: Callable[[np.ndarray], np.ndarray],
-    *,
-    budget: int,
-    alpha: float | str = "auto",
-    tau: float | str = "auto",
-    gamma: float = 0.2,
-    probe_size: int = 10,
-    arms_per_round: int = 50,
-    max_rounds: int = 200,
-    max_probe_evals: int | None = None,
-    init: str = "random",
-    n_calibration: int = 64,
-    n_rows: int | None = None,
-    seed: int = 0,
-) -> BanditResult:
-    """The Quad bandit over clusters (docs/methods/quad.md §3.3-§3.5), independent of where rewards come from.
-
-    Args:
-        chunks: per cluster, its chunks of row indices (:func:`make_chunks`).
-        dist: (K, K) centroid distances.
-        reward: row indices -> ρ per row (the reward oracle).
-        budget: rows to accept; the crossing chunk is truncated.
-        alpha, tau: floats or ``"auto"`` (calibrated on ``n_calibration`` uniform rows).
-        gamma: neighbour-credit distance; probe_size: m; arms_per_round: A.
-        max_rounds, max_probe_evals: stopping rules besides the budget and exhausted arms.
-        init: ``"random"`` (seeded permutation in round 0) or ``"index_order"`` (labels 0..A−1).
-        n_rows: pool size (for the calibration sample; default: the rows in ``chunks``).
-        seed: seed of calibration, round-0 order and probes.
-    """
-    k = len(chunks)
-    ev = _Evaluator(reward)
-    n_all = n_rows if n_rows is not None else sum(len(c) for cl in chunks for c in cl)
-    cal_idx = np.zeros(0, dtype=np.int64)
-    if isinstance(tau, str) or isinstance(alpha, str):
-        n_cal = min(n_all, n_calibration)
-        cal_idx = np.sort(np.random.default_rng([seed, S_CAL]).choice(n_all, size=n_cal, replace=False))
-        t_auto, a_auto = auto_tau_alpha(ev(cal_idx))
-        tau = t_auto if isinstance(tau, str) else tau
-        alpha = a_auto if isinstance(alpha, str) else alpha
-    tau, alpha = float(tau), float(alpha)
-    neigh = [np.flatnonzero(dist[j] < gamma) for j in range(k)]
-    for j in range(k):  # the pulled arm always credits itself, even for gamma -> 0
-        if j not in set(neigh[j].tolist()):
-            neigh[j] = np.sort(np.append(neigh[j], j))
-    weight = [1.0 - dist[j, neigh[j]] / gamma for j in range(k)]
-    for j in range(k):
-        weight[j][neigh[j] == j] = 1.0
-    score, cnt = np.zeros(k), np.zeros(k)
-    n_tot = 0
-    next_chunk = np.zeros(k, dtype=np.int64)
-    n_chunks = np.array([len(c) for c in chunks], dtype=np.int64)
-    pulls = np.zeros(k, dtype=np.int64)
-    state = [[""] * len(c) for c in chunks]
-    rnd = [[-1] * len(c) for c in chunks]
-    order: list[np.ndarray] = []
-    accepted: list[tuple[int, int, int]] = []
-    trimmed = np.zeros(0, dtype=np.int64)
-    n_kept = 0
-    probe_rng = np.random.default_rng([seed, S_PROBE])
-    ucb = ucb_values(score, cnt, n_tot, alpha, next_chunk >= n_chunks)
-    trace: list[dict[str, Any]] = []
-    stop = "max_rounds"
-    rounds = 0
-    done = budget <= 0
-    if done:
-        stop = "budget"
-    for r in range(max_rounds if not done else 0):
-        exhausted = next_chunk >= n_chunks
-        if exhausted.all():
-            stop = "no_arm_left"
-            break
-        n_arms = min(arms_per_round, int((~exhausted).sum()))
-        if r == 0:
-            perm = np.arange(k) if init == "index_order" else np.random.default_rng([seed, S_INIT]).permutation(k)
-            arms = [int(a) for a in perm if not exhausted[a]][:n_arms]
-        else:
-            labels = np.arange(k)
-            cand = np.lexsort((labels, -ucb))
-            arms = [int(a) for a in cand if not exhausted[a]][:n_arms]
-        rounds = r + 1
-        rec: dict[str, Any] = {"round": r, "arms": [], "ucb": [], "reward": [], "accepted": []}
-        for a in arms:
-            c = int(next_chunk[a])
-            rows = chunks[a][c]
-            m = min(probe_size, len(rows))
-            probe = np.sort(rows[probe_rng.choice(len(rows), size=m, replace=False)])
-            n_new = sum(1 for i in probe if int(i) not in ev.cache)
-            if max_probe_evals is not None and len(ev.cache) + n_new > max_probe_evals:
-                stop = "max_probe_evals"
-                done = True
-                break
-            rew = float(ev(probe).mean() - tau)
-            next_chunk[a] += 1
-            pulls[a] += 1
-            rnd[a][c] = r
-            ok = rew > 0
-            state[a][c] = "accepted" if ok else "rejected"
-            if ok:
-                take = rows[: budget - n_kept]
-                order.append(take)
-                trimmed = rows[len(take) :]
-                n_kept += len(take)
-                accepted.append((a, c, r))
-            nb = neigh[a]
-            score[nb] += rew * weight[a]
-            cnt[nb] += 1
-            n_tot += len(nb)
-            rec["arms"].append(a)
-            rec["ucb"].append(float(ucb[a]) if r else None)
-            rec["reward"].append(rew)
-            rec["accepted"].append(bool(ok))
-            if n_kept >= budget:
-                stop = "budget"
-                done = True
-                break
-        ucb = ucb_values(score, cnt, n_tot, alpha, next_chunk >= n_chunks)
-        trace.append(rec)
-        if done:
-            break
-    else:
-        if not done and (next_chunk >= n_chunks).all():
-            stop = "no_arm_left"
-    res = BanditResult(
-        order=np.concatenate(order) if order else np.zeros(0, dtype=np.int64), accepted=accepted,
-        chunk_state=state, chunk_round=rnd, trimmed=np.asarray(trimmed, dtype=np.int64),
-        probe_reward={i: v for i, v in ev.cache.items()}, pulls=pulls, score=score, cnt=cnt, n_tot=n_tot,
-        ucb=ucb, trace=trace, rounds=rounds, n_evaluations=len(ev.cache), stop=stop, tau=tau, alpha=alpha,
-    )
-    res.extra["n_calibration"] = len(cal_idx)
-    return res
-
-
-# ----------------------------------------------------------------------------------- influence oracle
-class InfluenceReward:
-    """ρ(z) = cos(G_z, P(V)) (or the raw ⟨P(V), G_z⟩) with EK-FAC fitted on the pool (docs/methods/quad.md §3.2).
-
-    V = Σ_{r ∈ targets} ∇ℓ_sum(r) over the tracked modules (``reference_agg="sum"``) or the mean of
-    the unit-normalised per-target P(V_r) (``"mean_of_normalized"``, the reference code's average of
-    per-target cosines). P is the damped EK-FAC inverse of :class:`curate.influence.Curvature`,
-    fitted on a seeded sample of at most ``fit_examples`` **pool** rows (never on the targets, which
-    was a defect of the reference code), or loaded from ``factors`` (``curate influence fit``).
-
-    For every candidate the inner product and the norm come from the captured activations a_t and
-    output gradients g_t: ⟨P, G⟩ = Σ_t g_tᵀ P a_t and ‖G‖² = Σ_{t,s} (g_t·g_s)(a_t·a_s), so no
-    per-example gradient is formed.
-
-    Args:
-        model, tokenizer: a causal LM (``nn.Module``) and its tokenizer.
-        pool: the pool table (``uid`` plus canonical text columns).
-        targets: the target table (reference set R).
-        modules: tracked modules (``"mlp+attn"`` as the paper; any :class:`Curvature` spec).
-        factors: folder of fitted factors, or an already fitted ``Curvature``; None fits on the pool.
-        fit_examples, damping, reward, reference_agg, max_length, batch_size, seed: see :class:`Quad`.
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, pool: pl.DataFrame, targets: pl.DataFrame, *,
-                 modules: str = "mlp+attn", factors: Any = None, fit_examples: int = 2000,
-                 damping: float | str | None = "heuristic", reward: str = "cosine", reference_agg: str = "sum",
-                 max_length: int = 256, batch_size: int = 4, seed: int = 0) -> None:
-        from curate.features.lm import encode_examples
-        from curate.influence.curvature import Curvature
-        from curate.influence.scores import example_gradients
-        from curate.influence.task import CausalLMTask
-
-        self.torch = require("torch", "Quad influence rewards")
-        self.model, self.reward, self.batch_size = model, reward, batch_size
-        self.task = CausalLMTask(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        self.uids = pool["uid"].to_list()
-        self.pos = {u: i for i, u in enumerate(self.uids)}
-        self.examples = encode_examples(pool, tokenizer, max_length=max_length)
-        tgt = encode_examples(targets, tokenizer, max_length=max_length)
-        tgt = [e for e in tgt if e.n_response > 0]
-        if not tgt:
-            raise SchemaError("Quad: no target row has response tokens (a reference answer) to take a loss on.",
-                              field="answer", expected="target rows with an answer or an assistant turn")
-        if isinstance(factors, Curvature):
-            curv = factors
-        elif factors is not None:
-            curv = Curvature.from_folder(factors, damping=damping)
-        else:
-            fit = [e for e in self.examples if e.n_response > 0]
-            curv = Curvature(strategy="ekfac", modules=modules, fisher="true", damping=damping, seed=seed,
-                             batch_size=batch_size, max_examples=fit_examples).fit(model, self.task, fit)
-        self.curv = curv
-        if reference_agg == "sum":
-            v = example_gradients(curv, model, self.task, tgt, batch_size=batch_size, aggregate="sum")
-            pv = curv.precondition({n: g[0] for n, g in v.items()})
-        else:
-            pv = {n: 0.0 for n in curv.names}
-            for e in tgt:
-                g = example_gradients(curv, model, self.task, [e], batch_size=1)
-                p = curv.precondition({n: x[0] for n, x in g.items()})
-                norm = math.sqrt(sum(float((x**2).sum()) for x in p.values())) or 1.0
-                pv = {n: pv[n] + p[n] / (norm * len(tgt)) for n in curv.names}
-        self.pv = pv
-        self.pv_norm = math.sqrt(sum(float((x**2).sum()) for x in pv.values()))
-        self.n_targets = len(tgt)
-
-    def rows(self, idx: Sequence[int]) -> np.ndarray:
-        """ρ for pool rows by position (rows without response tokens get 0)."""
-        from curate.influence._capture import Tracker
-
-        torch = self.torch
-        idx = [int(i) for i in idx]
-        out = np.zeros(len(idx))
-        live = [j for j, i in enumerate(idx) if self.examples[i].n_response > 0]
-        dev = next(self.model.parameters()).device
-        with Tracker(self.model, self.curv.names, torch.float64) as tr:
-            for s in range(0, len(live), self.batch_size):
-                part = live[s : s + self.batch_size]
-                batch = self.task.collate([self.examples[idx[j]] for j in part])
-                tr.reset()
-                tr.backward(self.task.loss(self.model, batch))
-                mask = self.task.token_mask(batch)
-                dot = 0.0
-                norm2 = 0.0
-                for n in self.curv.names:
-                    calls = tr.calls(n, mask)
-                    a = torch.cat([c[0] for c in calls], 1)
-                    g = torch.cat([c[1] * c[2][..., None] for c in calls], 1)
-                    p = self.pv[n].to(dev) if hasattr(self.pv[n], "to") else self.pv[n]
-                    dot = dot + torch.einsum("bto,bto->b", g, a @ p.T)
-                    if self.reward == "cosine":
-                        norm2 = norm2 + ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2))
-                if self.reward == "cosine":
-                    den = torch.sqrt(torch.clamp(norm2, min=0.0)) * self.pv_norm
-                    val = torch.where(den > 0, dot / torch.where(den > 0, den, 1.0), 0.0)
-                else:
-                    val = dot
-                out[part] = val.detach().cpu().numpy()
-        return out
-
-    def __call__(self, uids: Sequence[str]) -> np.ndarray:
-        """ρ for pool rows by uid (the ``reward_fn`` protocol)."""
-        try:
-            idx = [self.pos[u] for u in uids]
-        except KeyError as exc:
-            raise MissingFeatureError(f"Quad reward: uid {exc.args[0]} is not in the pool the oracle was built on.") from None
-        return self.rows(idx)
-
-
 # ----------------------------------------------------------------------------------- selector
 def contract_reward(uids: Sequence[str]) -> np.ndarray:
     """A deterministic reward in [0, 1) from a hash of each uid (the contract checks' oracle)."""
@@ -490,8 +190,10 @@ class QuadSelector(BaseSelector):
     Role ``embed`` (pool embeddings, e.g. MiniLM); a target table (the reference set) unless a
     ``reward_fn`` is injected. Parameters ``None`` / ``"auto"`` take the small-pool defaults of
     docs/methods/quad.md §4 (K = √N/2, c = N/4K, m = ⌈c/10⌉, A = ⌈K/10⌉, τ = mean and α = 0.025·std of a
-    64-row calibration sample). ``factors`` is a folder written by ``curate influence fit`` (else
-    EK-FAC is fitted on ``fit_examples`` pool rows). See the module docstring for deviations.
+    calibration sample of clamp(⌈N/10⌉, 16, 64) rows). ``factors`` is a folder written by ``curate
+    influence fit``; else EK-FAC is fitted on ``fit_examples`` pool rows over ``modules`` of the last
+    ``layers`` blocks and cached (``cache_factors``). What each cost knob trades: docs/methods/quad.md
+    §5. ``progress`` (None: when stderr is a terminal) shows the fit, target and bandit stages.
     """
 
     name: ClassVar[str] = "quad"
@@ -506,7 +208,7 @@ class QuadSelector(BaseSelector):
     gamma: float = 0.2
     max_rounds: int = 200
     max_probe_evals: int | None = None
-    n_calibration: int = 64
+    n_calibration: int | None = None
     init: str = "random"
     fill: str = "none"
     kmeans_niter: int = 20
@@ -515,20 +217,24 @@ class QuadSelector(BaseSelector):
     path_params: ClassVar[tuple[str, ...]] = ("factors",)
     path_or_name_params: ClassVar[tuple[str, ...]] = ("model",)
     model: str = "default"
-    modules: str = "mlp+attn"
+    modules: str = "mlp"
+    layers: int | None = DEFAULT_LAYERS
     factors: str | None = None
-    fit_examples: int = 2000
+    fit_examples: int = DEFAULT_FIT_EXAMPLES
+    cache_factors: bool = True
     damping: float | str = "heuristic"
     max_length: int = 256
-    batch_size: int = 4
+    batch_size: int = 8
     max_targets: int | None = 64
     device: str = "auto"
+    progress: bool | None = None
     reward_fn: Any = None
     invalid_examples: ClassVar[tuple[tuple[str, Any], ...]] = (
         ("n_clusters", 0), ("chunk_size", 0), ("probe_size", 0), ("arms_per_round", 0), ("alpha", -1.0),
         ("alpha", "big"), ("tau", float("nan")), ("gamma", 0.0), ("max_rounds", 0), ("max_probe_evals", 0),
         ("n_calibration", 1), ("init", "first"), ("fill", "all"), ("reward", "dot"), ("damping", -1.0),
-        ("max_length", 1), ("batch_size", 0), ("max_targets", 0), ("fit_examples", 0),
+        ("max_length", 1), ("batch_size", 0), ("max_targets", 0), ("fit_examples", 0), ("layers", 0),
+        ("cache_factors", "yes"), ("progress", "loud"),
     )
     #: the default reward loads a causal LM; the contract is about the bandit and the frame
     contract_params: ClassVar[dict[str, Any]] = {"reward_fn": contract_reward}
@@ -544,7 +250,7 @@ class QuadSelector(BaseSelector):
         check_float(o, "gamma", self.gamma, 0.0, lo_open=True)
         check_int(o, "max_rounds", self.max_rounds, 1)
         check_int(o, "max_probe_evals", self.max_probe_evals, 1, allow_none=True)
-        check_int(o, "n_calibration", self.n_calibration, 2)
+        check_int(o, "n_calibration", self.n_calibration, 2, allow_none=True)
         check_choice(o, "init", self.init, ("random", "index_order"))
         check_choice(o, "fill", self.fill, ("none", "ucb"))
         check_int(o, "kmeans_niter", self.kmeans_niter, 1)
@@ -552,14 +258,18 @@ class QuadSelector(BaseSelector):
         check_choice(o, "reference_agg", self.reference_agg, ("sum", "mean_of_normalized"))
         check_str(o, "model", self.model)
         check_str(o, "modules", self.modules)
+        check_int(o, "layers", self.layers, 1, allow_none=True)
         check_str(o, "factors", self.factors, allow_none=True)
         check_int(o, "fit_examples", self.fit_examples, 1)
+        check_bool(o, "cache_factors", self.cache_factors)
         if not (self.damping == "heuristic" if isinstance(self.damping, str) else False):
             check_float(o, "damping", self.damping, 0.0)
         check_int(o, "max_length", self.max_length, 8)
         check_int(o, "batch_size", self.batch_size, 1)
         check_int(o, "max_targets", self.max_targets, 1, allow_none=True)
         check_choice(o, "device", self.device, ("auto", "cpu", "cuda"))
+        if self.progress is not None:
+            check_bool(o, "progress", self.progress)
         if self.reward_fn is not None and not callable(self.reward_fn):
             raise param_error(o, "reward_fn", "a callable uids -> rewards or None", self.reward_fn)
 
@@ -572,12 +282,15 @@ class QuadSelector(BaseSelector):
             out["reward_fn"] = f"<injected {type(out['reward_fn']).__name__}>"
         return out
 
+    def _progress_on(self) -> bool:
+        return sys.stderr.isatty() if self.progress is None else self.progress
+
     # ------------------------------------------------------------------ the oracle
-    def _oracle(self, ctx: SelectContext) -> Callable[[np.ndarray], np.ndarray]:
+    def _oracle(self, ctx: SelectContext) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
         uids = ctx.uids
         if self.reward_fn is not None:
             fn = self.reward_fn
-            return lambda idx: np.asarray(fn([uids[i] for i in idx]), dtype=np.float64)
+            return (lambda idx: np.asarray(fn([uids[i] for i in idx]), dtype=np.float64)), {}
         if ctx.targets is None or ctx.targets.height == 0:
             raise MissingFeatureError("selector 'quad' needs a target table (recipe 'targets' / --target) for its "
                                       "influence rewards, or an injected reward_fn.")
@@ -589,11 +302,14 @@ class QuadSelector(BaseSelector):
                                                                                  replace=False))
             targets = targets[pick.tolist()]
         lm, tok = load_causal_lm(self.model, device=resolve_device(self.device))
-        oracle = InfluenceReward(lm, tok, ctx.table, targets, modules=self.modules, factors=self.factors,
-                                 fit_examples=self.fit_examples, damping=self.damping, reward=self.reward,
-                                 reference_agg=self.reference_agg, max_length=self.max_length,
-                                 batch_size=self.batch_size, seed=ctx.seed)
-        return oracle.rows
+        oracle = InfluenceReward(lm, tok, ctx.table, targets, modules=self.modules, layers=self.layers,
+                                 factors=self.factors, fit_examples=self.fit_examples, damping=self.damping,
+                                 reward=self.reward, reference_agg=self.reference_agg, max_length=self.max_length,
+                                 batch_size=self.batch_size, seed=ctx.seed, cache=self.cache_factors,
+                                 progress=self._progress_on())
+        facts = {"factors": oracle.factors_source, "n_tracked_modules": len(oracle.curv.names),
+                 "n_fit": int(oracle.curv.n_seq), "n_targets": oracle.n_targets}
+        return oracle.rows, facts
 
     # ------------------------------------------------------------------ choose
     def _choose(self, ctx: SelectContext, k: int) -> Choice:
@@ -612,10 +328,16 @@ class QuadSelector(BaseSelector):
                               f"(of {n_cl} clusters); neighbour credit is {'off' if med == 0 else 'very broad'}.",
                               stacklevel=3)
         chunks = make_chunks(labels, c, np.random.default_rng([ctx.seed, S_CHUNKS]))
-        res = run_bandit(chunks, dist, self._oracle(ctx), budget=k, alpha=self.alpha, tau=self.tau,
-                         gamma=self.gamma, probe_size=m, arms_per_round=arms, max_rounds=self.max_rounds,
-                         max_probe_evals=self.max_probe_evals, init=self.init, n_calibration=self.n_calibration,
-                         n_rows=n, seed=ctx.seed)
+        n_cal = self.n_calibration if self.n_calibration is not None else default_calibration(n)
+        oracle, facts = self._oracle(ctx)
+        bar = BanditProgress(self._progress_on(), k)
+        try:
+            res = run_bandit(chunks, dist, oracle, budget=k, alpha=self.alpha, tau=self.tau, gamma=self.gamma,
+                             probe_size=m, arms_per_round=arms, max_rounds=self.max_rounds,
+                             max_probe_evals=self.max_probe_evals, init=self.init, n_calibration=n_cal, n_rows=n,
+                             seed=ctx.seed, on_event=bar)
+        finally:
+            bar.close()
         reasons = np.full(n, NEVER, dtype=object)
         chunk_of = np.full(n, -1, dtype=np.int64)
         round_of: list[int | None] = [None] * n
@@ -646,7 +368,7 @@ class QuadSelector(BaseSelector):
             "n_clusters": n_cl, "clusters_touched": int((res.pulls > 0).sum()), "chunk_size": c, "probe_size": m,
             "arms_per_round": arms, "tau": res.tau, "alpha": res.alpha, "gamma": self.gamma,
             "n_accepted_chunks": len(res.accepted), "n_pulls": int(res.pulls.sum()),
-            "n_kept_before_fill": len(res.order), "per_cluster": per_cluster, "ucb_trace": res.trace,
+            "n_kept_before_fill": len(res.order), "per_cluster": per_cluster, "ucb_trace": res.trace, **facts,
         }
         if len(order) < k:
             warnings.warn(f"quad: selected {len(order)} rows for a budget of {k} ({res.stop}); fill='ucb' completes "

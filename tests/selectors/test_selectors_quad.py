@@ -15,6 +15,7 @@ from curate.selectors import SELECTORS
 from curate.selectors.quad import (
     QuadSelector,
     cluster_rows,
+    default_calibration,
     make_chunks,
     relabel_by_first,
     run_bandit,
@@ -260,3 +261,22 @@ def _hash_reward(uids):
 def test_selectors_quad_contract(params) -> None:
     assert SELECTORS["quad"] is QuadSelector
     check_selector(QuadSelector, params)
+
+
+def test_selectors_quad_calibration_scales_with_the_pool() -> None:
+    """A small pool spends about a tenth of its rows on calibration (at least 16, at most 64)."""
+    assert [default_calibration(n) for n in (50, 300, 640, 10_000)] == [16, 30, 64, 64]
+    table, feats, rho, _, _ = _planted_pool(n_cl=10, per=30)
+    res = QuadSelector(reward_fn=lambda u: np.array([rho[x] for x in u])).select(table, feats, 30)
+    assert res.diagnostics["n_calibration"] == 30
+    assert QuadSelector(reward_fn=lambda u: np.array([rho[x] for x in u]), n_calibration=64).select(
+        table, feats, 30).diagnostics["n_calibration"] == 64
+
+
+def test_selectors_quad_progress(capsys) -> None:
+    table, feats, rho, _, _ = _planted_pool()
+    QuadSelector(reward_fn=lambda u: np.array([rho[x] for x in u]), progress=True).select(table, feats, 120)
+    err = capsys.readouterr().err
+    assert "quad: bandit" in err and "calibration rows" in err and "rows scored" in err
+    QuadSelector(reward_fn=lambda u: np.array([rho[x] for x in u]), progress=False).select(table, feats, 120)
+    assert "quad:" not in capsys.readouterr().err

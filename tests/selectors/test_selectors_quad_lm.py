@@ -113,3 +113,28 @@ def test_selectors_quad_probe_estimates_rank_clusters(world) -> None:
     kept_topic = topic[np.searchsorted(pool["uid"].to_numpy(), np.asarray(res.kept_uids))]
     assert np.isin(kept_topic, [0, 1]).mean() >= 0.6, np.bincount(kept_topic, minlength=8)
     assert res.diagnostics["n_evaluations"] < 0.5 * pool.height
+
+
+def test_selectors_quad_default_reward_reuses_cached_factors(world, tmp_path, monkeypatch) -> None:
+    """The selector's own influence reward: the second run loads the factors the first one fitted
+    (``$CURATE_CACHE``) and selects exactly the same rows; without the cache it fits again."""
+    from curate.features.tiny import tiny_llama
+
+    pool, topic, targets, _, tok = world
+    folder = tmp_path / "tiny"
+    tiny_llama(vocab_size=len(tok), dtype="float32", seed=4).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    monkeypatch.setenv("CURATE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    emb = np.eye(len(TOPICS))[topic] + 0.05 * rng.normal(size=(len(topic), len(TOPICS)))
+    feats = {"embed": FeatureSet("e", np.asarray(pool["uid"].to_list(), dtype=object), emb)}
+    sel = QuadSelector(model=str(folder), n_clusters=8, fit_examples=16, max_length=48, max_targets=4)
+    first = sel.select(pool, feats, 0.2, targets=targets)
+    second = sel.select(pool, feats, 0.2, targets=targets)
+    assert (first.diagnostics["factors"], second.diagnostics["factors"]) == ("fitted", "cache")
+    assert first.diagnostics["n_fit"] == 16 and first.diagnostics["n_targets"] == 4
+    assert first.frame.equals(second.frame)
+    assert len(list((tmp_path / "cache" / "quad" / "factors").iterdir())) == 1
+    off = QuadSelector(model=str(folder), n_clusters=8, fit_examples=16, max_length=48, max_targets=4,
+                       cache_factors=False).select(pool, feats, 0.2, targets=targets)
+    assert off.diagnostics["factors"] == "fitted" and off.frame.equals(first.frame)
