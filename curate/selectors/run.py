@@ -90,18 +90,9 @@ def _store_sets(folder: Path) -> dict[str, Path]:
     return out
 
 
-def resolve_feature_set(
-    folder: str | os.PathLike[str],
-    *,
-    names: Sequence[str] = (),
-    target: bool = False,
-    pool_name: str | None = None,
-    label: str = "--features",
-    choose: str | None = None,
-) -> FeatureSet:
-    """The feature set of :func:`resolve_feature_folder`, loaded (memory-mapped)."""
-    return FeatureSet.load(resolve_feature_folder(folder, names=names, target=target, pool_name=pool_name,
-                                                  label=label, choose=choose))
+def resolve_feature_set(folder: str | os.PathLike[str], **options: Any) -> FeatureSet:
+    """The feature set of :func:`resolve_feature_folder` (same keyword options), loaded (memory-mapped)."""
+    return FeatureSet.load(resolve_feature_folder(folder, **options))
 
 
 def resolve_feature_folder(
@@ -208,7 +199,7 @@ def select_files(
     ``reason``), ``selection.parquet`` (every candidate's uid, score, keep, rank, reason and the
     selector's extra columns) and ``manifest.json`` (its ``selection`` block: selector, parameters,
     budget, rows kept, feature sets, diagnostics). The feature folders are resolved to one feature
-    set per role (:func:`resolve_feature_set`) and enter the cache key by content.
+    set per role (:func:`resolve_feature_folder`) and enter the cache key by content.
 
     ``tokenizer`` (a tokenizer folder, a cached Hub id or ``default``) counts every row's tokens
     first (the ``count_tokens`` step), which token budgets then spend; the manifest's ``tokens``
