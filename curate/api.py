@@ -26,11 +26,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from curate.errors import MissingFeatureError
-from curate.io.store import FeatureSet
-from curate.pipeline.verbs import Outcome, Source, run_in_memory
+import numpy as np
 
-PathOrFrame = Source
+from curate.errors import MissingFeatureError
+from curate.io.store import FeatureSet, FeatureStore
+from curate.pipeline.verbs import Outcome, Source, run_in_memory
 
 
 def run_steps(data: Source, steps: Sequence[Mapping[str, Any]], *, targets: Any = None, seed: int = 0,
@@ -65,22 +65,20 @@ def embed(data: Source, *, field: str = "prompt+response", model: str = "default
 
     The vectors are read into memory unless ``out`` keeps the run folder (then memory-mapped)."""
     step = {"use": "embed", "field": field, "model": model}
-    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="curate-embed-"))
-    try:
-        run_in_memory("embed", data, [step], out_dir=folder)
-        from curate.io.store import FeatureStore
+    if out is not None:
+        run_in_memory("embed", data, [step], out_dir=out)
+        return _embedded(Path(out), field)
+    with tempfile.TemporaryDirectory(prefix="curate-embed-") as tmp:
+        run_in_memory("embed", data, [step], out_dir=tmp)
+        fs = _embedded(Path(tmp), field)
+        return FeatureSet(fs.name, fs.uids, np.array(fs.values), fs.meta)  # read before the folder goes
 
-        fs = FeatureStore(folder / "features").get(f"embed/{field}")
-        if fs is None:  # pragma: no cover - the embed step always writes its set
-            raise MissingFeatureError(f"the embed step wrote no feature set embed/{field} in {folder}.")
-        if out is None:
-            fs = FeatureSet(fs.name, fs.uids, fs.values.copy(), fs.meta)
-        return fs
-    finally:
-        if out is None:
-            import shutil
 
-            shutil.rmtree(folder, ignore_errors=True)
+def _embedded(run_dir: Path, field: str) -> FeatureSet:
+    fs = FeatureStore(run_dir / "features").get(f"embed/{field}")
+    if fs is None:  # pragma: no cover - the embed step always writes its set
+        raise MissingFeatureError(f"the embed step wrote no feature set embed/{field} in {run_dir}.")
+    return fs
 
 
 def select(data: Source, method: str, *, budget: Any, targets: Any = None,

@@ -114,6 +114,15 @@ class FeatureSet:
         return cls(name, uids, values, meta)
 
 
+def external_set_folder(value: Any) -> Path | None:
+    """``value`` as a feature-set folder made outside a run (an absolute path holding ``values.npy``;
+    ``curate select --features DIR`` resolves its folders to these), else None: a name in a store."""
+    if not isinstance(value, (str, os.PathLike)):
+        return None
+    path = Path(value)
+    return path if path.is_absolute() and (path / "values.npy").is_file() else None
+
+
 def cache_key(uids: Iterable[str], params: Mapping[str, Any]) -> str:
     """Hash of the inputs' uids and the parameters (model, revision, field, dim, seed, ...).
 

@@ -48,6 +48,7 @@ from curate.errors import ParameterError, RecipeError
 from curate.io.inputs import InputSpec, parse_inputs
 from curate.io.paths import check_name
 from curate.io.sources import INPUT_KEYS  # noqa: F401 - re-exported: the keys an input mapping takes
+from curate.io.store import external_set_folder
 from curate.pipeline.plugins import load_plugins
 from curate.pipeline.registry import build_step, load_steps
 from curate.pipeline.step import step_params
@@ -363,7 +364,7 @@ def _check_step_names(use: str, step: Any, where: str) -> None:
     checks = [(k, params.get(k), nested) for k, nested in NAME_PARAMS.get(use, {}).items()]
     feats = params.get("features")
     if isinstance(feats, dict):
-        checks += [(f"features.{role}", v, True) for role, v in feats.items() if not _feature_folder(v)]
+        checks += [(f"features.{role}", v, True) for role, v in feats.items() if not external_set_folder(v)]
     for param, value, nested in checks:
         if value is None or (param == "feature_name" and value == ""):
             continue
@@ -371,11 +372,6 @@ def _check_step_names(use: str, step: Any, where: str) -> None:
             check_name(f"step '{use}'", param, value, nested=nested)
         except ParameterError as exc:
             raise RecipeError(f"{where}: {exc}") from None
-
-
-def _feature_folder(value: Any) -> bool:
-    """An absolute path to a feature-set folder made outside the run (``curate select --features``)."""
-    return isinstance(value, str) and os.path.isabs(value) and os.path.isfile(os.path.join(value, "values.npy"))
 
 
 def load_recipe(path: str | os.PathLike[str], overrides: list[str] | None = None,

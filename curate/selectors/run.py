@@ -83,10 +83,7 @@ def _store_sets(folder: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for d in sorted(p for p in folder.iterdir() if p.is_dir()):
         if (d / "values.npy").exists():
-            name = d.name
-            if (d / "meta.json").exists():
-                name = json.loads((d / "meta.json").read_text()).get("name", d.name)
-            out[str(name)] = d
+            out[_set_name(d)] = d
     return out
 
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from curate.errors import MissingFeatureError, param_error
-from curate.io.store import FeatureSet
+from curate.io.store import FeatureSet, external_set_folder
 from curate.pipeline.registry import register_step
 from curate.pipeline.step import StepContext
 from curate.selectors.base import BaseSelector, Budget
@@ -66,7 +65,8 @@ class SelectorStep:
         sel: BaseSelector = self._selector  # type: ignore[attr-defined]
         feats = {}
         for role, fname in self.feature_names().items():
-            fs = _feature_folder(fname) or ctx.features.get(fname)
+            folder = external_set_folder(fname)
+            fs = FeatureSet.load(folder) if folder is not None else ctx.features.get(fname)
             if fs is None:
                 raise MissingFeatureError(
                     f"step '{sel.name}': feature '{fname}' (role '{role}') is not in the run's feature store "
@@ -80,14 +80,6 @@ class SelectorStep:
                                   "diagnostics": res.diagnostics}
         return res.frame
 
-
-def _feature_folder(name: str) -> FeatureSet | None:
-    """A feature set given by the absolute path of its folder (``curate select --features DIR``
-    resolves its folders to these), else None: the name is looked up in the run's store."""
-    path = Path(name)
-    if path.is_absolute() and (path / "values.npy").is_file():
-        return FeatureSet.load(path)
-    return None
 
 
 def make_step(cls: type[BaseSelector]) -> type:
