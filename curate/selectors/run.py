@@ -1,6 +1,6 @@
 """``curate select``: run one selector on files, as an in-memory recipe, into a run folder.
 
-:func:`select_files` does all the work so that the click command in ``curate/cli.py`` is a thin
+:func:`select_files` does all the work so that the click command in ``curate/cli/__init__.py`` is a thin
 wrapper (parse options, call, print the summary, map errors to exit code 2). The outputs are those
 of every run (:mod:`curate.pipeline.outcome`): curated, rejected and selection parquet, manifest.
 """
